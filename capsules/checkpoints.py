@@ -1,0 +1,58 @@
+"""Restoring model weights from this package's checkpoints or the reference's TF1 ones."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import keras
+import tensorflow as tf
+
+from capsules.hparams import HParams
+
+HPARAMS_FILE = "hparams.json"
+
+
+def require_checkpoint(path: str) -> None:
+    """Raises FileNotFoundError naming `path` unless it is a checkpoint prefix."""
+    if not tf.io.gfile.exists(path + ".index"):
+        raise FileNotFoundError(f"checkpoint {path} not found (no file {path}.index)")
+
+
+def is_tf1_checkpoint(path: str) -> bool:
+    """True for a checkpoint written by the reference's tf.compat.v1 Saver (names by scope)."""
+    names = [name for name, _ in tf.train.list_variables(path)]
+    return not any(name == "_CHECKPOINTABLE_OBJECT_GRAPH" for name in names)
+
+
+def restore_weights(model: keras.Model, path: str) -> None:
+    """Assigns the weights of checkpoint `path` to the built `model`.
+
+    Accepts this package's checkpoints (tf.train.Checkpoint of the model, with
+    or without optimizer state) and the reference's TF1 checkpoints, recognised
+    by their variable names (`capsules.tf1_checkpoint`).
+    """
+    require_checkpoint(path)
+    if is_tf1_checkpoint(path):
+        from capsules import tf1_checkpoint
+
+        tf1_checkpoint.restore(model, path)
+        return
+    status = tf.train.Checkpoint(model=model).restore(path)
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError as error:
+        raise ValueError(
+            f"checkpoint {path} does not fit this model ({model.__class__.__name__}, "
+            f"{model.hparams}): {str(error).splitlines()[0]}"
+        ) from None
+    status.expect_partial()
+
+
+def saved_hparams(checkpoint_path: str) -> HParams | None:
+    """The hyper-parameters saved next to a checkpoint by experiment.py, if any."""
+    path = os.path.join(os.path.dirname(checkpoint_path), HPARAMS_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as handle:
+        return HParams(**json.load(handle)["hparams"])

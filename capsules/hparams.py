@@ -1,0 +1,123 @@
+"""Hyper-parameters of the capsule experiments, the reference's `default_hparams`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+_CHOICES = {
+    "loss_type": ("margin", "softmax", "sigmoid"),
+    "padding": ("VALID", "SAME"),
+    "loss_form": ("reference", "paper"),
+}
+_POSITIVE = ("decay_rate", "decay_steps", "learning_rate", "num_prime_capsules", "routing")
+
+
+@dataclasses.dataclass(frozen=True)
+class HParams:
+    """The reference's hyper-parameters (experiment.py `default_hparams`), plus `loss_form`.
+
+    Attributes:
+      decay_rate, decay_steps, learning_rate: Adam's learning rate is
+        learning_rate * decay_rate^(step / decay_steps), floored at 1e-6.
+      leaky: leaky routing (an extra zero logit that absorbs poorly fitting votes).
+      loss_type: 'margin' (capsule lengths), 'softmax' or 'sigmoid' (two targets).
+      num_prime_capsules: capsule types in the primary capsule layer (32; CIFAR10 64).
+      padding: 'VALID' or 'SAME' for conv1 and the primary capsules.
+      remake: add the reconstruction decoder and its loss.
+      routing: routing iterations of the class capsules.
+      verbose: write extra summaries (histograms, reconstructions).
+      loss_form: 'reference' averages the margin costs over batch and classes (the
+        released code); 'paper' sums eq. 4 over classes, which weights the
+        reconstruction term 20x less relative to the margin term.
+    """
+
+    decay_rate: float = 0.96
+    decay_steps: int = 2000
+    leaky: bool = False
+    learning_rate: float = 0.001
+    loss_type: str = "margin"
+    num_prime_capsules: int = 32
+    padding: str = "VALID"
+    remake: bool = True
+    routing: int = 3
+    verbose: bool = False
+    loss_form: str = "reference"
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            expected = _field_type(field.name)
+            if expected is float and type(value) is int:
+                value = float(value)
+                object.__setattr__(self, field.name, value)
+            if type(value) is not expected:
+                raise ValueError(
+                    f"hparam {field.name}={value!r}: expected {expected.__name__}"
+                )
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"hparam {name}={getattr(self, name)!r}: allowed values are "
+                    + ", ".join(allowed)
+                )
+        for name in _POSITIVE:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"hparam {name}={getattr(self, name)!r}: must be > 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> HParams:
+        """A copy with `changes`; an unknown name raises ValueError listing the known ones."""
+        unknown = sorted(set(changes) - set(_names()))
+        if unknown:
+            raise ValueError(
+                f"unknown hparam {', '.join(unknown)}; allowed: {', '.join(_names())}"
+            )
+        return dataclasses.replace(self, **changes)
+
+
+def _names() -> list[str]:
+    return [field.name for field in dataclasses.fields(HParams)]
+
+
+def _field_type(name: str) -> type:
+    return type(getattr(HParams, name))
+
+
+def default_hparams() -> HParams:
+    """The reference's defaults (experiment.py `default_hparams`)."""
+    return HParams()
+
+
+def _parse_value(name: str, text: str):
+    expected = _field_type(name)
+    if expected is bool:
+        lowered = text.strip().lower()
+        if lowered not in ("true", "false", "1", "0"):
+            raise ValueError(f"hparam {name}={text!r}: expected true or false")
+        return lowered in ("true", "1")
+    try:
+        return expected(text.strip())
+    except ValueError:
+        raise ValueError(f"hparam {name}={text!r}: expected {expected.__name__}") from None
+
+
+def parse_overrides(hparams: HParams, overrides: str | None) -> HParams:
+    """Applies "key=value,key=value" (the reference's --hparams_override) to `hparams`.
+
+    Returns new HParams; raises ValueError naming the key for an unknown key, a
+    malformed pair or a value of the wrong type or out of range.
+    """
+    if not overrides:
+        return hparams
+    changes = {}
+    for pair in overrides.split(","):
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"hparams override {pair!r}: expected key=value")
+        if key not in _names():
+            raise ValueError(f"unknown hparam {key!r}; allowed: {', '.join(_names())}")
+        changes[key] = _parse_value(key, value)
+    return hparams.replace(**changes)

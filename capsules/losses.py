@@ -1,0 +1,62 @@
+"""Losses and accuracy counts of the reference's `layers.evaluate` and `reconstruction`."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from capsules import ops
+
+# The reference's balance_factor: reconstruction error is downweighted so that
+# it does not dominate the margin loss during training.
+RECONSTRUCTION_WEIGHT = 0.0005
+
+
+def classification_loss(
+    labels: tf.Tensor, logits: tf.Tensor, loss_type: str = "margin", loss_form: str = "reference"
+) -> tf.Tensor:
+    """Scalar classification loss of the reference's `evaluate`.
+
+    labels: `[batch, num_classes]` one-hot or k-hot; logits: `[batch, num_classes]`.
+    loss_type:
+      'margin': margin costs (`ops.margin_loss`) averaged over batch and classes, as
+        the reference does (loss_form='reference'); loss_form='paper' gives eq. 4 of
+        the paper instead: summed over classes, without the reference's factor 0.5,
+        averaged over the batch.
+      'softmax': softmax cross entropy, averaged over the batch.
+      'sigmoid': sigmoid cross entropy against labels / 2 (two targets), averaged
+        over batch and classes.
+    """
+    labels = tf.cast(labels, logits.dtype)
+    if loss_type == "margin":
+        costs = ops.margin_loss(labels, logits)
+        if loss_form == "paper":
+            return tf.reduce_mean(tf.reduce_sum(2.0 * costs, axis=-1))
+        return tf.reduce_mean(costs)
+    if loss_type == "softmax":
+        return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+    if loss_type == "sigmoid":
+        return tf.reduce_mean(
+            tf.nn.sigmoid_cross_entropy_with_logits(labels=labels / 2.0, logits=logits)
+        )
+    raise ValueError(f"loss_type must be margin, softmax or sigmoid, got {loss_type!r}")
+
+
+def reconstruction_loss(reconstruction: tf.Tensor, target: tf.Tensor) -> tf.Tensor:
+    """0.0005 x per-image sum of squared pixel errors, averaged over the batch (the reference's).
+
+    reconstruction, target: `[batch, num_pixels]`.
+    """
+    squared_error = tf.reduce_sum(tf.square(reconstruction - target), axis=-1)
+    return RECONSTRUCTION_WEIGHT * tf.reduce_mean(squared_error)
+
+
+def count_found_targets(labels: tf.Tensor, logits: tf.Tensor, num_targets: int) -> tf.Tensor:
+    """How many of the `num_targets` labelled classes are among the top `num_targets` logits.
+
+    Returns int32 `[batch]`. The reference's 'correct' is found == num_targets and
+    'almost' (at least one found) is found >= 1.
+    """
+    targets = tf.math.top_k(labels, k=num_targets).indices
+    predictions = tf.math.top_k(logits, k=num_targets).indices
+    found = tf.reduce_any(tf.equal(targets[:, :, None], predictions[:, None, :]), axis=-1)
+    return tf.reduce_sum(tf.cast(found, tf.int32), axis=-1)

@@ -1,0 +1,365 @@
+"""CapsNet and the convolutional baseline as Keras 3 models, trained as the reference does.
+
+Both models take images `[batch, height, width, depth]` and return class logits
+`[batch, num_classes]` (capsule lengths for CapsNet). `fit` accepts a tf.data
+Dataset of `(images, labels)` (labels int class ids `[batch]` or k-hot floats
+`[batch, num_classes]`) or of the feature dicts of `input_data.inputs`.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from capsules import layers, losses
+from capsules.hparams import HParams, default_hparams
+from capsules.optimizers import reference_optimizer
+
+_PACKAGE = "capsules"
+
+
+def flatten_depth_major(images: tf.Tensor) -> tf.Tensor:
+    """`[batch, h, w, depth]` -> `[batch, depth * h * w]` in the reference's NCHW order."""
+    return tf.reshape(tf.transpose(images, [0, 3, 1, 2]), [tf.shape(images)[0], -1])
+
+
+class _ReferenceModel(keras.Model):
+    """Training and evaluation shared by CapsNet and ConvBaseline.
+
+    The loss is the reference's: the classification loss of `hparams.loss_type`
+    plus, where the model reconstructs, 0.0005 x the per-image squared error of
+    each target's reconstruction, averaged over the batch.
+    """
+
+    def __init__(
+        self,
+        hparams: HParams | None = None,
+        input_shape=(28, 28, 1),
+        num_classes: int = 10,
+        num_targets: int = 1,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.hparams = hparams if hparams is not None else default_hparams()
+        if not isinstance(self.hparams, HParams):
+            raise ValueError(f"hparams must be capsules.hparams.HParams, got {hparams!r}")
+        input_shape = tuple(input_shape)
+        if len(input_shape) != 3 or not all(isinstance(d, int) and d > 0 for d in input_shape):
+            raise ValueError(f"input_shape must be (height, width, depth), got {input_shape}")
+        if num_targets not in (1, 2):
+            raise ValueError(f"num_targets must be 1 or 2, got {num_targets!r}")
+        if not isinstance(num_classes, int) or num_classes < num_targets:
+            raise ValueError(f"num_classes must be an integer >= num_targets, got {num_classes!r}")
+        self.image_shape = input_shape
+        self.num_classes = num_classes
+        self.num_targets = num_targets
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.classification_tracker = keras.metrics.Mean(name="classification_loss")
+        self.reconstruction_tracker = keras.metrics.Mean(name="reconstruction_loss")
+        self.correct_tracker = keras.metrics.Mean(
+            name="accuracy" if num_targets == 1 else "correct"
+        )
+        self.almost_tracker = keras.metrics.Mean(name="almost")
+
+    # -- to be defined by the models ------------------------------------------------
+    def _forward(self, images: tf.Tensor, training: bool):
+        """Returns (logits, embedding for the reconstruction or None)."""
+        raise NotImplementedError
+
+    def _reconstruction_losses(self, embedding, targets) -> list:
+        return []
+
+    # -- Keras ----------------------------------------------------------------------
+    def call(self, inputs, training=None):
+        images = inputs["images"] if isinstance(inputs, dict) else inputs
+        logits, _ = self._forward(images, training=training)
+        return logits
+
+    def compile(self, optimizer=None, **kwargs):
+        """As keras.Model.compile; with no optimizer, Adam on the reference's schedule."""
+        if optimizer is None:
+            optimizer = reference_optimizer(self.hparams)
+        super().compile(optimizer=optimizer, **kwargs)
+
+    @property
+    def metrics(self):
+        trackers = [
+            self.loss_tracker,
+            self.classification_tracker,
+            self.reconstruction_tracker,
+            self.correct_tracker,
+        ]
+        return trackers + ([self.almost_tracker] if self.num_targets == 2 else [])
+
+    def compute_losses(self, data, training: bool = False) -> dict:
+        """Forward pass and the reference's losses on one batch.
+
+        Returns a dict of scalars 'loss', 'classification_loss',
+        'reconstruction_loss', plus 'logits' `[batch, num_classes]` and
+        'labels' (k-hot floats).
+        """
+        images, labels, targets = self._unpack(data)
+        logits, embedding = self._forward(images, training=training)
+        classification = losses.classification_loss(
+            labels, logits, self.hparams.loss_type, self.hparams.loss_form
+        )
+        reconstruction = tf.add_n(
+            [tf.constant(0.0)] + self._reconstruction_losses(embedding, targets)
+        )
+        return {
+            "loss": classification + reconstruction,
+            "classification_loss": classification,
+            "reconstruction_loss": reconstruction,
+            "logits": logits,
+            "labels": labels,
+        }
+
+    def optimize_step(self, data) -> dict:
+        """One optimizer step on a batch; returns `batch_results` of its forward pass."""
+        with tf.GradientTape() as tape:
+            results = self.compute_losses(data, training=True)
+            # Gradients are summed over replicas; the reference averages its towers.
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            scaled_loss = results["loss"] / replicas
+        gradients = tape.gradient(scaled_loss, self.trainable_variables)
+        self.optimizer.apply(gradients, self.trainable_variables)
+        return self.batch_results(results)
+
+    def batch_results(self, results: dict) -> dict:
+        """Scalars of one batch: the losses, and the fraction 'accuracy' (one target) or
+        'correct' and 'almost' (two targets) of the reference's `evaluate`."""
+        found = losses.count_found_targets(results["labels"], results["logits"], self.num_targets)
+        scalars = {
+            name: results[name] for name in ("loss", "classification_loss", "reconstruction_loss")
+        }
+        scalars[self.correct_tracker.name] = tf.reduce_mean(
+            tf.cast(found == self.num_targets, tf.float32)
+        )
+        if self.num_targets == 2:
+            scalars["almost"] = tf.reduce_mean(tf.cast(found >= 1, tf.float32))
+        return scalars
+
+    def train_step(self, data):
+        return self._update_metrics(data, self.optimize_step(data))
+
+    def test_step(self, data):
+        return self._update_metrics(data, self.batch_results(self.compute_losses(data)))
+
+    def _update_metrics(self, data, scalars):
+        # Weighted by batch size: epoch figures are means over examples, also
+        # when the last batch is smaller.
+        images = data["images"] if isinstance(data, dict) else tf.nest.flatten(data[0])[0]
+        batch_size = tf.cast(tf.shape(images)[0], tf.float32)
+        for metric in self.metrics:
+            metric.update_state(scalars[metric.name], sample_weight=batch_size)
+        return {metric.name: metric.result() for metric in self.metrics}
+
+    def _unpack(self, data):
+        """(images, k-hot labels, [(target label ids, target images), ...]) from a batch.
+
+        A batch is a feature dict of `input_data.inputs` (targets recons_* and,
+        for two targets, spare_*) or `(images, labels[, sample_weight])`, whose
+        targets are the labelled classes, each reconstructing the input image.
+        """
+        if isinstance(data, dict):
+            images, labels = data["images"], self._k_hot(data["labels"])
+            targets = [(data["recons_label"], data["recons_image"])]
+            if self.num_targets == 2:
+                targets.append((data["spare_label"], data["spare_image"]))
+            return images, labels, targets
+        if not isinstance(data, (tuple, list)) or len(data) < 2:
+            raise ValueError(
+                "expected batches of (images, labels) or input_data feature dicts, "
+                f"got {type(data).__name__}"
+            )
+        images, labels = data[0], self._k_hot(data[1])
+        if isinstance(images, dict):
+            images = images["images"]
+        label_ids = tf.math.top_k(labels, k=self.num_targets).indices
+        targets = [(label_ids[:, i], images) for i in range(self.num_targets)]
+        return images, labels, targets
+
+    def _k_hot(self, labels) -> tf.Tensor:
+        """Int class ids `[batch]` -> one-hot; k-hot `[batch, num_classes]` checked and cast."""
+        labels = tf.convert_to_tensor(labels)
+        if labels.shape.rank == 1 or (labels.shape.rank == 2 and labels.shape[-1] == 1):
+            if not labels.dtype.is_integer:
+                raise ValueError(
+                    f"labels of shape {labels.shape} must be integer class ids, got {labels.dtype}"
+                )
+            return tf.one_hot(tf.reshape(labels, [-1]), self.num_classes)
+        if labels.shape.rank != 2 or labels.shape[-1] != self.num_classes:
+            raise ValueError(
+                f"labels must be class ids [batch] or k-hot [batch, {self.num_classes}] "
+                f"for a model of {self.num_classes} classes, got shape {labels.shape}"
+            )
+        return tf.cast(labels, tf.float32)
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "hparams": self.hparams.to_dict(),
+            "input_shape": list(self.image_shape),
+            "num_classes": self.num_classes,
+            "num_targets": self.num_targets,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["hparams"] = HParams(**config["hparams"])
+        return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class CapsNet(_ReferenceModel):
+    """The paper's CapsNet (the reference's CapsuleModel).
+
+    conv1 (256 channels, 9x9, ReLU) -> primary capsules (num_prime_capsules types
+    of 8 atoms, 9x9, stride 2) -> class capsules (num_classes x 16, routing
+    iterations from hparams) -> lengths. With hparams.remake, a decoder
+    reconstructs each target from its masked class capsule (pixels in the
+    reference's depth-major order).
+
+    Args:
+      hparams: `capsules.hparams.HParams` (num_prime_capsules, padding, leaky,
+        routing, remake, loss_type, loss_form); default the reference's.
+      input_shape: (height, width, depth) of the images.
+      num_classes: class capsules.
+      num_targets: objects per image (2 for MultiMNIST: metrics 'correct' and 'almost').
+
+    Call: images `[batch, height, width, depth]` -> lengths `[batch, num_classes]`.
+    """
+
+    def __init__(self, hparams=None, input_shape=(28, 28, 1), num_classes=10, num_targets=1,
+                 **kwargs):
+        super().__init__(hparams, input_shape, num_classes, num_targets, **kwargs)
+        hp = self.hparams
+        self.conv1 = keras.layers.Conv2D(
+            256,
+            9,
+            padding=hp.padding.lower(),
+            activation="relu",
+            kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.05),
+            bias_initializer=keras.initializers.Constant(0.1),
+            name="conv1",
+        )
+        self.primary_capsules = layers.PrimaryCapsule(
+            hp.num_prime_capsules, 8, kernel_size=9, strides=2, padding=hp.padding,
+            leaky=hp.leaky, name="conv_capsule1",
+        )
+        self.class_capsules = layers.Capsule(
+            num_classes, 16, num_routing=hp.routing, leaky=hp.leaky, name="capsule2"
+        )
+        self.length = layers.Length(name="length")
+        self.decoder = (
+            layers.ReconstructionDecoder(
+                input_shape[0] * input_shape[1] * input_shape[2], name="recons"
+            )
+            if hp.remake
+            else None
+        )
+        self.build((None, *input_shape))
+
+    def build(self, input_shape):
+        self.conv1.build(input_shape)
+        shape = self.conv1.compute_output_shape(input_shape)
+        self.primary_capsules.build(shape)
+        shape = self.primary_capsules.compute_output_shape(shape)
+        self.class_capsules.build(shape)
+        shape = self.class_capsules.compute_output_shape(shape)
+        if self.decoder is not None:
+            self.decoder.build([shape, shape[:2]])
+        self.built = True
+
+    def class_capsule_outputs(self, images, training=False) -> tf.Tensor:
+        """Class capsules `[batch, num_classes, 16]` of images `[batch, h, w, depth]`."""
+        hidden = self.conv1(images, training=training)
+        primary = self.primary_capsules(hidden, training=training)
+        return self.class_capsules(primary, training=training)
+
+    def _forward(self, images, training):
+        capsules = self.class_capsule_outputs(images, training=training)
+        return self.length(capsules), capsules
+
+    def _reconstruction_losses(self, capsules, targets):
+        if self.decoder is None:
+            return []
+        return [
+            losses.reconstruction_loss(
+                self.decoder([capsules, tf.one_hot(label, self.num_classes)]),
+                flatten_depth_major(image),
+            )
+            for label, image in targets
+        ]
+
+    def reconstruct(self, images, labels) -> tf.Tensor:
+        """Decoder images `[batch, h, w, depth]` from the capsule of `labels`.
+
+        labels: class ids `[batch]` or one-hot `[batch, num_classes]` (argmax taken).
+        """
+        if self.decoder is None:
+            raise ValueError("this CapsNet has no decoder (hparams.remake=False)")
+        labels = tf.convert_to_tensor(labels)
+        if labels.shape.rank == 2:
+            labels = tf.argmax(labels, axis=-1)
+        capsules = self.class_capsule_outputs(images)
+        pixels = self.decoder([capsules, tf.one_hot(labels, self.num_classes)])
+        height, width, depth = self.image_shape
+        return tf.transpose(tf.reshape(pixels, [-1, depth, height, width]), [0, 2, 3, 1])
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ConvBaseline(_ReferenceModel):
+    """The reference's convolutional baseline (models/conv_model.py).
+
+    Two blocks of 5x5 convolution (512, then 256 channels, ReLU, padding from
+    hparams) and 2x2 max pooling (stride 2, SAME), flattened in the reference's
+    NCHW order, a 1024-unit ReLU layer and a linear layer of num_classes logits.
+    """
+
+    def __init__(self, hparams=None, input_shape=(28, 28, 1), num_classes=10, num_targets=1,
+                 **kwargs):
+        super().__init__(hparams, input_shape, num_classes, num_targets, **kwargs)
+        padding = self.hparams.padding.lower()
+        weights = keras.initializers.TruncatedNormal(stddev=0.1)
+        biases = keras.initializers.Constant(0.1)
+        self.convs = [
+            keras.layers.Conv2D(
+                channels, 5, padding=padding, activation="relu",
+                kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.05),
+                bias_initializer=biases, name=f"conv{i + 1}",
+            )
+            for i, channels in enumerate((512, 256))
+        ]
+        self.pools = [
+            keras.layers.MaxPooling2D(2, 2, padding="same", name=f"pool{i + 1}") for i in range(2)
+        ]
+        self.fc1 = keras.layers.Dense(
+            1024, activation="relu", kernel_initializer=weights, bias_initializer=biases,
+            name="fc1",
+        )
+        self.softmax_layer = keras.layers.Dense(
+            num_classes, kernel_initializer=weights, bias_initializer=biases,
+            name="softmax_layer",
+        )
+        self.build((None, *input_shape))
+
+    def build(self, input_shape):
+        shape = input_shape
+        for conv, pool in zip(self.convs, self.pools, strict=True):
+            conv.build(shape)
+            shape = pool.compute_output_shape(conv.compute_output_shape(shape))
+        self.fc1.build((None, shape[1] * shape[2] * shape[3]))
+        self.softmax_layer.build((None, 1024))
+        self.built = True
+
+    def _forward(self, images, training):
+        hidden = images
+        for conv, pool in zip(self.convs, self.pools, strict=True):
+            hidden = pool(conv(hidden))
+        hidden = flatten_depth_major(hidden)
+        return self.softmax_layer(self.fc1(hidden)), None
+
+
+MODELS = {"capsule": CapsNet, "baseline": ConvBaseline}

@@ -1,0 +1,111 @@
+"""Capsule operations: safe norm, squash, routing by agreement and the margin loss.
+
+Plain TensorFlow functions, numerically equal to the reference implementation
+(Sarasra/models, research/capsules/models/layers/layers.py) except where a
+comment says why they depart.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+# Added under the square root so that the norm and its gradient stay finite at
+# zero. The reference divides by a plain norm, which gives NaN for a zero
+# capsule; for a capsule of norm >= 1e-3 the relative difference is below 1e-6.
+_NORM_EPSILON = 1e-12
+
+
+def safe_norm(x: tf.Tensor, axis: int = -1, keepdims: bool = False) -> tf.Tensor:
+    """Euclidean norm along `axis`, sqrt(sum(x^2) + 1e-12): finite gradient at zero."""
+    return tf.sqrt(tf.reduce_sum(tf.square(x), axis=axis, keepdims=keepdims) + _NORM_EPSILON)
+
+
+def squash(x: tf.Tensor, axis: int = -1) -> tf.Tensor:
+    """Squash non-linearity, eq. 1 of the paper: v = |s|^2 / (1 + |s|^2) * s / |s|.
+
+    Written as s * |s| / (1 + |s|^2) with a safe norm, so that value and
+    gradient are finite (zero) at s = 0, where the reference gives NaN.
+    """
+    norm = safe_norm(x, axis=axis, keepdims=True)
+    return x * (norm / (1.0 + tf.square(norm)))
+
+
+def _routing_softmax(logits: tf.Tensor, leaky: bool) -> tf.Tensor:
+    """Softmax of routing logits over the output capsules (last axis).
+
+    Leaky routing (the reference's `_leaky_routing`) adds a zero logit in front,
+    takes the softmax over output_dim + 1 and drops the extra column, so an input
+    capsule that fits no output can send part of its vote nowhere.
+    """
+    if not leaky:
+        return tf.nn.softmax(logits, axis=-1)
+    leak = tf.zeros_like(logits[..., :1])
+    return tf.nn.softmax(tf.concat([leak, logits], axis=-1), axis=-1)[..., 1:]
+
+
+def update_routing(
+    votes: tf.Tensor, biases: tf.Tensor, num_routing: int, leaky: bool = False
+) -> tf.Tensor:
+    """Routing by agreement (procedure 1 of the paper, the reference's `_update_routing`).
+
+    Fully connected form:
+        votes  `[batch, input_dim, output_dim, output_atoms]`,
+        biases `[output_dim, output_atoms]`,
+        returns `[batch, output_dim, output_atoms]`.
+    Convolutional form: votes carry spatial axes between input_dim and output_dim,
+        votes  `[batch, input_dim, height, width, output_dim, output_atoms]`,
+        biases `[output_dim, output_atoms]` (shared over positions),
+        returns `[batch, height, width, output_dim, output_atoms]`;
+    routing is done independently at every position. Any number of spatial axes works.
+
+    Logits b start at zero. Each iteration:
+        c = softmax(b) over output_dim (leaky: with an extra zero logit, dropped),
+        s = sum over input_dim of c * votes + biases,
+        v = squash(s) over atoms,
+        b += <votes, v> over atoms.
+    The loop is a `tf.while_loop`, differentiable through every iteration as in
+    the reference (no stop_gradient). Returns the activation v of the last iteration.
+    """
+    if num_routing < 1:
+        raise ValueError(f"num_routing must be >= 1, got {num_routing}")
+    if votes.shape.rank is not None and votes.shape.rank < 4:
+        raise ValueError(
+            "votes must be [batch, input_dim, (spatial...), output_dim, output_atoms], "
+            f"got shape {votes.shape}"
+        )
+
+    def route_and_squash(logits: tf.Tensor) -> tf.Tensor:
+        route = _routing_softmax(logits, leaky)
+        preactivation = tf.reduce_sum(route[..., None] * votes, axis=1) + biases
+        return squash(preactivation, axis=-1)
+
+    def body(i, logits):
+        activation = route_and_squash(logits)
+        # Agreement <u_hat_j|i, v_j>: the activation is broadcast over input_dim.
+        return i + 1, logits + tf.reduce_sum(votes * activation[:, None], axis=-1)
+
+    # The last iteration's logit update is never read: run num_routing - 1
+    # iterations in the loop, then route once more. Same values as the reference.
+    _, logits = tf.while_loop(
+        lambda i, logits: i < num_routing - 1,
+        body,
+        loop_vars=(tf.constant(0), tf.zeros_like(votes[..., 0])),
+    )
+    return route_and_squash(logits)
+
+
+def margin_loss(
+    labels: tf.Tensor, raw_logits: tf.Tensor, margin: float = 0.4, downweight: float = 0.5
+) -> tf.Tensor:
+    """Per-class margin costs `[batch, num_classes]`, as the reference's `_margin_loss`.
+
+    With l = raw_logits - 0.5 (capsule lengths moved to [-0.5, 0.5]):
+        cost = 0.5 * T * max(0, margin - l)^2 + downweight * 0.5 * (1 - T) * max(0, l + margin)^2
+    i.e. the paper's eq. 4 (m+ = 0.9, m- = 0.1, lambda = 0.5) times 0.5.
+    labels: `[batch, num_classes]` one-hot or k-hot; raw_logits: capsule lengths, same shape.
+    """
+    labels = tf.cast(labels, raw_logits.dtype)
+    logits = raw_logits - 0.5
+    positive_cost = labels * tf.square(tf.nn.relu(margin - logits))
+    negative_cost = (1.0 - labels) * tf.square(tf.nn.relu(logits + margin))
+    return 0.5 * positive_cost + downweight * 0.5 * negative_cost

@@ -1,0 +1,150 @@
+"""Training loop of experiment.py: checkpoints, resumption, summaries and a progress bar.
+
+Behaves as the reference's `train_experiment` (a checkpoint `model.ckpt-STEP`
+every save_step, summaries of every step in summary_dir/train) and adds what
+a TF2 user expects: a rerun resumes from the latest checkpoint with the
+optimizer state, a NaN loss stops training with the last good checkpoint
+kept, and the last step is always saved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import keras
+import tensorflow as tf
+
+from capsules.checkpoints import HPARAMS_FILE
+from capsules.models import CapsNet
+
+CHECKPOINT_NAME = "model.ckpt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+def write_json_atomically(path: str, content: dict) -> None:
+    """Writes `content` to `path` through a temporary file and a rename."""
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "w") as handle:
+        json.dump(content, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.replace(temporary, path)
+
+
+def checkpoint_manager(model: keras.Model, directory: str, max_to_keep: int | None = None):
+    """A `tf.train.CheckpointManager` saving `model` (and its optimizer) as model.ckpt-STEP."""
+    checkpoint = tf.train.Checkpoint(model=model)
+    return tf.train.CheckpointManager(
+        checkpoint, directory, max_to_keep=max_to_keep, checkpoint_name=CHECKPOINT_NAME
+    )
+
+
+def _reconstruction_summary(model: CapsNet, features: dict, max_images: int = 10) -> tf.Tensor:
+    """Input, target and reconstruction side by side `[n, h, 3 * w, depth]`, as the reference's."""
+    images = features["images"][:max_images]
+    target = features["recons_image"][:max_images]
+    remake = model.reconstruct(images, features["recons_label"][:max_images])
+    return tf.concat([images, target, remake], axis=2)
+
+
+def train(
+    model: keras.Model,
+    dataset: tf.data.Dataset,
+    train_dir: str,
+    max_steps: int,
+    save_step: int,
+    batch_size: int,
+    strategy: tf.distribute.Strategy | None = None,
+    extra_config: dict | None = None,
+    verbose: bool = True,
+) -> int:
+    """Trains `model` (compiled) on batches of `dataset` until step max_steps.
+
+    Args:
+      model: a compiled CapsNet or ConvBaseline, built under `strategy`'s scope.
+      dataset: repeating dataset of `input_data.inputs` feature dicts.
+      train_dir: checkpoints model.ckpt-STEP, hparams.json and summaries go here;
+        a latest checkpoint found here is restored first (optimizer state and step).
+      max_steps: the step to stop at (counted from the first run, as the reference).
+      save_step: save a checkpoint every save_step steps (and at the last step).
+      batch_size: images per step over all replicas (for the images/s figure).
+      strategy: distribution strategy the model was built in (default: none).
+      extra_config: written with the hyper-parameters to train_dir/hparams.json.
+
+    Returns the last step. Raises NonFiniteLossError on a NaN or infinite loss,
+    after which the latest checkpoint in train_dir is the last good one.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    os.makedirs(train_dir, exist_ok=True)
+    manager = checkpoint_manager(model, train_dir)
+    with strategy.scope():
+        model.optimizer.build(model.trainable_variables)
+    if manager.latest_checkpoint:
+        manager.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    step = int(model.optimizer.iterations.numpy())
+    write_json_atomically(
+        os.path.join(train_dir, HPARAMS_FILE),
+        {"hparams": model.hparams.to_dict(), **(extra_config or {})},
+    )
+    if step >= max_steps:
+        return step
+
+    @tf.function
+    def distributed_step(features):
+        results = strategy.run(model.optimize_step, args=(features,))
+        return {
+            name: strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
+            for name, value in results.items()
+        }
+
+    writer = tf.summary.create_file_writer(train_dir)
+    progress = (
+        keras.utils.Progbar(max_steps, stateful_metrics=["loss", "images/s"]) if verbose else None
+    )
+    batches = iter(strategy.experimental_distribute_dataset(dataset))
+    with writer.as_default():
+        last_time = time.perf_counter()
+        while step < max_steps:
+            features = next(batches)
+            scalars = {name: float(value) for name, value in distributed_step(features).items()}
+            if not math.isfinite(scalars["loss"]):
+                raise NonFiniteLossError(
+                    f"loss is {scalars['loss']} at step {step + 1}; training stopped, the last "
+                    f"good checkpoint is {manager.latest_checkpoint or 'none (no checkpoint yet)'}"
+                )
+            step += 1
+            for name, value in scalars.items():
+                tf.summary.scalar(name, value, step=step)
+            tf.summary.scalar(
+                "learning_rate", model.optimizer.learning_rate.numpy(), step=step
+            )
+            if step % save_step == 0 or step == max_steps:
+                manager.save(checkpoint_number=step)
+                if isinstance(model, CapsNet) and model.decoder is not None:
+                    local = strategy.experimental_local_results(features)[0]
+                    tf.summary.image(
+                        "reconstruction", _reconstruction_summary(model, local), step=step,
+                        max_outputs=10,
+                    )
+                writer.flush()
+            if progress is not None:
+                now = time.perf_counter()
+                images_per_second = batch_size / max(now - last_time, 1e-9)
+                last_time = now
+                progress.update(
+                    step, [("loss", scalars["loss"]), ("images/s", images_per_second)]
+                )
+    return step
+
+
+def export_weights(model: keras.Model, directory: str, step: int) -> str:
+    """Saves the model's weights only (no optimizer slots) as directory/model.ckpt-STEP."""
+    fresh = type(model).from_config(model.get_config())
+    fresh.set_weights(model.get_weights())
+    manager = checkpoint_manager(fresh, directory, max_to_keep=1)
+    return manager.save(checkpoint_number=step)
