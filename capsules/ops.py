@@ -68,6 +68,7 @@ def update_routing(
     """
     if num_routing < 1:
         raise ValueError(f"num_routing must be >= 1, got {num_routing}")
+    votes = tf.convert_to_tensor(votes)
     if votes.shape.rank is not None and votes.shape.rank < 4:
         raise ValueError(
             "votes must be [batch, input_dim, (spatial...), output_dim, output_atoms], "

@@ -1,0 +1,31 @@
+"""Capsule networks ("Dynamic Routing Between Capsules") for TensorFlow 2 and Keras 3."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="capsules",
+    version="0.1.0",
+    description=(
+        "Capsule networks (Sabour, Frosst and Hinton, 2017) for TensorFlow 2 / Keras 3, "
+        "faithful to the reference implementation"
+    ),
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["capsules", "capsules.*", "input_data", "input_data.*"]),
+    install_requires=[
+        "tensorflow>=2.16,<3",
+        "keras>=3.0,<4",
+        "numpy>=1.23",
+        "absl-py>=1.0",
+        "tensorflow-datasets>=4.9",
+        # tf.summary needs TensorBoard's implementation; it also views the summaries.
+        "tensorboard>=2.16",
+        # capsules.visualize draws its PNG figures with matplotlib.
+        "matplotlib>=3.5",
+    ],
+    extras_require={"test": ["pytest>=7", "ruff>=0.5"]},
+    license="Apache-2.0",
+)

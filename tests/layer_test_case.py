@@ -1,0 +1,56 @@
+"""One check that every capsule layer goes through (in the manner of keras-hub's TestCase).
+
+`run_layer_test` builds the layer, checks the output shape against
+`compute_output_shape`, round-trips the config, saves and reloads a model
+holding the layer as `.keras` with equal outputs, and runs a fit step that
+changes the weights.
+"""
+
+from __future__ import annotations
+
+import os
+
+import keras
+import numpy as np
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def run_layer_test(layer_cls, init_kwargs: dict, inputs, expected_output_shape: tuple,
+                   tmp_path) -> keras.layers.Layer:
+    """Runs the shared checks and returns the built layer."""
+    inputs = _as_list(inputs)
+    single = len(inputs) == 1
+    layer = layer_cls(**init_kwargs)
+    outputs = layer(inputs[0] if single else inputs)
+    assert tuple(outputs.shape) == tuple(expected_output_shape)
+    input_shapes = [tuple(x.shape) for x in inputs]
+    predicted = layer.compute_output_shape(input_shapes[0] if single else input_shapes)
+    assert tuple(predicted) == tuple(expected_output_shape)
+
+    # Config round trip: every constructor argument survives.
+    config = layer.get_config()
+    clone = layer_cls.from_config(config)
+    assert clone.get_config() == config
+
+    # A model holding the layer saves and loads as .keras with equal outputs.
+    symbolic = [keras.Input(shape=x.shape[1:], batch_size=None) for x in inputs]
+    model = keras.Model(symbolic, layer_cls(**init_kwargs)(symbolic[0] if single else symbolic))
+    path = os.path.join(tmp_path, "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(
+        np.asarray(loaded(inputs)), np.asarray(model(inputs)), rtol=1e-6, atol=1e-6
+    )
+
+    # One fit step changes the weights and leaves them finite.
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    before = [w.copy() for w in model.get_weights()]
+    target = np.zeros_like(np.asarray(model(inputs))) + 0.5
+    model.fit(inputs, target, epochs=1, batch_size=len(inputs[0]), verbose=0)
+    after = model.get_weights()
+    assert all(np.all(np.isfinite(w)) for w in after)
+    assert any(not np.allclose(a, b) for a, b in zip(after, before, strict=True))
+    return layer

@@ -1,0 +1,134 @@
+"""capsules.ops against the NumPy statement of the reference's equations."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from capsules import ops
+from tests import reference_numpy as ref
+
+RTOL = 1e-5
+
+
+def _random(shape, seed):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", [(4, 8), (2, 3, 16), (1, 5, 5, 4, 8)])
+def test_squash_matches_numpy(shape):
+    x = _random(shape, 0)
+    np.testing.assert_allclose(ops.squash(x).numpy(), ref.squash(x.astype(np.float64)),
+                               rtol=RTOL, atol=1e-7)
+
+
+def test_squash_norm_is_below_one_and_keeps_direction():
+    x = _random((100, 16), 1) * 10
+    v = ops.squash(x).numpy()
+    norms = np.linalg.norm(v, axis=-1)
+    assert np.all(norms < 1.0)
+    cosine = np.sum(v * x, axis=-1) / (norms * np.linalg.norm(x, axis=-1))
+    np.testing.assert_allclose(cosine, 1.0, rtol=1e-5)
+
+
+def test_squash_and_safe_norm_value_and_gradient_finite_at_zero():
+    x = tf.zeros([3, 8])
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        squashed = ops.squash(x)
+        norm = ops.safe_norm(x)
+    assert np.all(squashed.numpy() == 0.0)
+    assert np.all(np.isfinite(tape.gradient(squashed, x).numpy()))
+    assert np.all(np.isfinite(tape.gradient(norm, x).numpy()))
+    np.testing.assert_allclose(norm.numpy(), 0.0, atol=1e-5)
+
+
+def test_safe_norm_matches_numpy_and_keepdims():
+    x = _random((4, 3, 16), 2)
+    np.testing.assert_allclose(ops.safe_norm(x, axis=1).numpy(), np.linalg.norm(x, axis=1),
+                               rtol=RTOL)
+    assert ops.safe_norm(x, keepdims=True).shape == (4, 3, 1)
+
+
+@pytest.mark.parametrize("num_routing", [1, 2, 3])
+@pytest.mark.parametrize("leaky", [False, True])
+@pytest.mark.parametrize(
+    "votes_shape",
+    [(3, 7, 5, 4), (2, 11, 10, 16), (2, 3, 4, 4, 5, 8)],  # fully connected, ..., convolutional
+)
+def test_update_routing_matches_numpy(votes_shape, num_routing, leaky):
+    votes = _random(votes_shape, 3)
+    biases = _random(votes_shape[-2:], 4) * 0.1
+    got = ops.update_routing(tf.constant(votes), tf.constant(biases), num_routing, leaky)
+    want = ref.routing(votes, biases.astype(np.float64), num_routing, leaky)
+    assert got.shape == (votes_shape[0], *votes_shape[2:])
+    np.testing.assert_allclose(got.numpy(), want, rtol=RTOL, atol=1e-6)
+
+
+def test_more_routing_iterations_change_the_output():
+    votes, biases = _random((2, 9, 5, 4), 5), np.zeros((5, 4), np.float32)
+    outputs = [ops.update_routing(votes, biases, n).numpy() for n in (1, 2, 3)]
+    assert not np.allclose(outputs[0], outputs[1], atol=1e-4)
+    assert not np.allclose(outputs[1], outputs[2], atol=1e-4)
+
+
+def test_leaky_routes_sum_to_less_than_one():
+    logits = tf.constant(_random((2, 6, 5), 6))
+    routes = ops._routing_softmax(logits, leaky=True).numpy()
+    assert np.all(routes.sum(axis=-1) < 1.0)
+    np.testing.assert_allclose(ops._routing_softmax(logits, leaky=False).numpy().sum(-1), 1.0,
+                               rtol=1e-6)
+
+
+def test_one_iteration_routes_uniformly():
+    votes = _random((2, 1, 3, 3, 4, 8), 7)
+    biases = _random((4, 8), 8)
+    for leaky, share in ((False, 1 / 4), (True, 1 / 5)):
+        got = ops.update_routing(votes, biases, 1, leaky).numpy()
+        np.testing.assert_allclose(got, ref.squash(votes[:, 0] * share + biases), rtol=RTOL,
+                                   atol=1e-7)
+
+
+def test_update_routing_is_differentiable_through_the_loop():
+    votes = tf.Variable(_random((2, 6, 3, 4), 9))
+    with tf.GradientTape() as tape:
+        out = tf.reduce_sum(ops.update_routing(votes, tf.zeros([3, 4]), 3) ** 2)
+    gradient = tape.gradient(out, votes).numpy()
+    assert np.all(np.isfinite(gradient)) and np.any(gradient != 0)
+
+
+def test_update_routing_compiles_with_xla():
+    votes, biases = _random((2, 6, 3, 4), 10), np.zeros((3, 4), np.float32)
+    compiled = tf.function(lambda v: ops.update_routing(v, biases, 3), jit_compile=True)
+    np.testing.assert_allclose(compiled(votes).numpy(),
+                               ops.update_routing(votes, biases, 3).numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_update_routing_rejects_bad_iterations(bad):
+    with pytest.raises(ValueError, match="num_routing"):
+        ops.update_routing(tf.zeros([1, 2, 3, 4]), tf.zeros([3, 4]), bad)
+
+
+def test_update_routing_rejects_bad_rank():
+    with pytest.raises(ValueError, match="votes must be"):
+        ops.update_routing(tf.zeros([2, 3, 4]), tf.zeros([3, 4]), 3)
+
+
+def test_margin_loss_reference_worked_example():
+    # The reference's layers_test: labels [[0,0,1],[1,1,1]], logits
+    # [[-0.3,0.3,0.9],[1.2,0.5,-0.5]].
+    labels = np.array([[0, 0, 1], [1, 1, 1]], np.float32)
+    logits = np.array([[-0.3, 0.3, 0.9], [1.2, 0.5, -0.5]], np.float32)
+    costs = ops.margin_loss(labels, logits).numpy()
+    assert costs.shape == (2, 3)
+    np.testing.assert_allclose(costs.sum(), 0.5 * (0.5 * 0.2 * 0.2 + 0.4 * 0.4 + 1.4 * 1.4),
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_margin_loss_matches_numpy_cases(seed):
+    rng = np.random.default_rng(seed)
+    labels = (rng.random((8, 10)) < 0.2).astype(np.float32)
+    lengths = rng.random((8, 10)).astype(np.float32)
+    np.testing.assert_allclose(ops.margin_loss(labels, lengths).numpy(),
+                               ref.margin_costs(labels, lengths), rtol=RTOL, atol=1e-8)
