@@ -1,0 +1,92 @@
+"""`inputs`: the batched tf.data input of every data set, as the model consumes it."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import tensorflow as tf
+
+from input_data import builder, tfds_source
+from input_data.cifar10 import cifar10_input
+from input_data.info import SPLITS, check_name, dataset_info
+from input_data.mnist import mnist_input_record
+from input_data.norb import norb_input_record
+
+
+def inputs(dataset: str, split: str, data_dir: str, batch_size: int, num_targets: int = 1,
+           validate: bool = False, distort: bool = False, random_shift: int = 0,
+           repeat: bool = False, seed: int | None = None) -> tf.data.Dataset:
+    """Batches of feature dicts for training (split='train') or evaluation (split='test').
+
+    Args:
+      dataset: 'mnist', 'cifar10' or 'norb'.
+      split: 'train' (shuffled, randomly transformed) or 'test' (file order, every example
+        exactly once, the last batch kept even if partial).
+      data_dir: the directory of the data set's files; for MultiMNIST `PREFIX@N` (its N
+        shards); for mnist and cifar10 also 'tfds' or 'tfds:DIR' to read them from
+        tensorflow-datasets.
+      batch_size: examples per batch.
+      num_targets: 1, or 2 for MultiMNIST.
+      validate: single-digit mnist only: train on training images 10,000..60,000 ('train') and
+        evaluate on training images 0..10,000 ('test').
+      distort: single-digit mnist only: train on random 24x24 crops rotated within +-15
+        degrees, evaluate on central crops (cifar10 and norb always get their reference
+        crops).
+      random_shift: single-digit mnist training only: read the unshifted training file and
+        shift each image at random within +-random_shift pixels; 0 reads the reference's
+        2-shifted file (tensorflow-datasets has no such file, so there 0 means 2).
+        Evaluation is never shifted.
+      repeat: repeat forever (training loops by step count).
+      seed: seed of the shuffles and random transforms (None: nondeterministic).
+
+    Returns:
+      A dataset of dicts, with `info = dataset_info(dataset, num_targets, distort)`:
+        images: float32 [batch, info.height, info.width, info.depth]
+        labels: float32 [batch, info.num_classes], one-hot (two-hot for MultiMNIST)
+        recons_image: float32 like images, the image the decoder reconstructs
+        recons_label: int32 [batch], the class of recons_image
+        spare_image, spare_label: MultiMNIST only, the second digit and its class.
+    """
+    check_name("split", split, SPLITS)
+    dataset_info(dataset, num_targets, distort)  # checks the combination
+    if random_shift < 0 or (random_shift and (dataset != "mnist" or num_targets != 1)):
+        raise ValueError(f"random_shift={random_shift}: expected 0, or > 0 only for "
+                         "single-digit mnist")
+    if validate and dataset != "mnist":
+        raise ValueError(f"validate=True: {dataset} has no validation split")
+    is_training = split == "train"
+    from_tfds = tfds_source.is_tfds(data_dir)
+    if from_tfds and num_targets == 2:
+        raise ValueError(f"data_dir={data_dir!r}: MultiMNIST is read from PREFIX@N shards")
+    shift = 0
+    if is_training and dataset == "mnist":
+        shift = random_shift or (mnist_input_record.TRAIN_SHIFT if from_tfds else 0)
+    reader = _reader(dataset, num_targets, distort, shift)
+    if from_tfds:
+        records = tfds_source.records(dataset, split, data_dir, validate, is_training, seed)
+        reader = dataclasses.replace(reader, decode=tfds_source.decode)
+    else:
+        files, read = _files(dataset, split, data_dir, num_targets, validate, shift)
+        records = builder.file_records(files, read, is_training, seed)
+    return builder.build(reader, records, batch_size, is_training, repeat, seed)
+
+
+def _reader(dataset: str, num_targets: int, distort: bool, shift: int) -> builder.Reader:
+    if dataset == "mnist":
+        return mnist_input_record.reader(num_targets, distort, shift)
+    return cifar10_input.READER if dataset == "cifar10" else norb_input_record.READER
+
+
+def _files(dataset: str, split: str, data_dir: str, num_targets: int, validate: bool,
+           shift: int) -> tuple[list[str], Callable[[tf.Tensor], tf.data.Dataset]]:
+    """The data set's files for the split and the function that reads records from one."""
+    if dataset == "cifar10":
+        return cifar10_input.record_files(split, data_dir), cifar10_input.read
+    if dataset == "norb":
+        files = norb_input_record.record_files(split, data_dir)
+    elif num_targets == 2:
+        files = mnist_input_record.multi_record_files(data_dir)
+    else:
+        files = mnist_input_record.record_files(split, data_dir, validate, shift)
+    return files, tf.data.TFRecordDataset

@@ -1,0 +1,136 @@
+"""Shared helpers for record files: features, file names, atomic writes and checks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TypeVar
+
+import tensorflow as tf
+
+T = TypeVar("T")
+
+
+def int64_feature(value: int) -> tf.train.Feature:
+    """A feature holding one int64."""
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+
+
+def bytes_feature(value: bytes) -> tf.train.Feature:
+    """A feature holding one byte string."""
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
+def shard_names(prefix: str, num_shards: int) -> list[str]:
+    """The file names of a set of `num_shards` shards: `PREFIX-0000i-of-0000N`."""
+    return [f"{prefix}-{i:05d}-of-{num_shards:05d}" for i in range(num_shards)]
+
+
+def expand_sharded(spec: str) -> list[str]:
+    """Expands `PREFIX@N` into its N shard names (the reference's notation)."""
+    prefix, sep, count = spec.rpartition("@")
+    if not sep or not prefix or not count.isdigit() or int(count) < 1:
+        raise ValueError(f"sharded data set {spec!r}: expected PREFIX@N with N >= 1")
+    return shard_names(prefix, int(count))
+
+
+def require_files(paths: Sequence[str], how_to_make: str) -> None:
+    """Raises FileNotFoundError naming the first missing path and the command that makes it."""
+    for path in paths:
+        if not tf.io.gfile.exists(path):
+            raise FileNotFoundError(f"{path} not found; make it with: {how_to_make}")
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: Sequence[str]) -> Iterator[list[str]]:
+    """Yields temporary names for `paths`; renames them into place only on success.
+
+    On any exception the temporary files are removed and the final paths are untouched.
+    """
+    temps = [f"{path}.tmp-{os.getpid()}" for path in paths]
+    try:
+        yield temps
+        for temp, path in zip(temps, paths, strict=True):
+            os.replace(temp, path)
+    finally:
+        for temp in temps:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(temp)
+
+
+def progress(items: Iterable[T], total: int, desc: str) -> Iterator[T]:
+    """Yields `items` unchanged while drawing a one-line progress bar on stderr."""
+    start = last = time.monotonic()
+    done = 0
+    for done, item in enumerate(items, 1):
+        yield item
+        now = time.monotonic()
+        if now - last >= 0.5 or done == total:
+            last = now
+            frac = done / max(total, 1)
+            bar = "#" * int(30 * frac)
+            sys.stderr.write(
+                f"\r{desc}: [{bar:<30}] {done}/{total} {now - start:6.0f}s"
+            )
+            sys.stderr.flush()
+    if done:
+        sys.stderr.write("\n")
+
+
+def checked(value: tf.Tensor, ok: tf.Tensor, filename: tf.Tensor, what: str) -> tf.Tensor:
+    """Returns `value`, failing the pipeline with '<filename>: <what>' when `ok` is false."""
+    check = tf.debugging.Assert(ok, [tf.strings.join([filename, ": ", what])], summarize=1)
+    with tf.control_dependencies([check]):
+        return tf.identity(value)
+
+
+def checked_class(label: tf.Tensor, num_classes: int, filename: tf.Tensor,
+                  name: str) -> tf.Tensor:
+    """`label` as int32, failing the pipeline unless it is in 0..num_classes-1."""
+    label = tf.cast(label, tf.int32)
+    ok = tf.logical_and(label >= 0, label < num_classes)
+    return checked(label, ok, filename, f"{name} is not a class in 0..{num_classes - 1}")
+
+
+def parse_example(
+    filename: tf.Tensor,
+    record: tf.Tensor,
+    ints: dict[str, int | None],
+    raws: dict[str, int],
+) -> dict[str, tf.Tensor]:
+    """Parses one tf.train.Example, checking every feature is present and sized right.
+
+    Args:
+      filename: scalar string, the file the record came from (named in errors).
+      record: scalar string, the serialized tf.train.Example.
+      ints: int64 features to read, each holding exactly one value; value None means any
+        value, an int means that value exactly.
+      raws: bytes features holding raw uint8 pixels, name -> required byte count.
+
+    Returns:
+      {name: int64 scalar} for `ints` and {name: uint8 [byte count]} for `raws`.
+    """
+    spec = {name: tf.io.RaggedFeature(tf.int64) for name in ints}
+    spec.update({name: tf.io.RaggedFeature(tf.string) for name in raws})
+    parsed = tf.io.parse_single_example(record, spec)
+    out = {}
+    for name, required in ints.items():
+        values = parsed[name]
+        ok = tf.equal(tf.size(values), 1)
+        what = f"feature {name} is missing or not one int64"
+        if required is not None:
+            ok = tf.logical_and(ok, tf.reduce_all(tf.equal(values, required)))
+            what = f"feature {name} is missing or not {required}"
+        out[name] = checked(values, ok, filename, what)[0]
+    for name, size in raws.items():
+        values = parsed[name]
+        ok = tf.logical_and(
+            tf.equal(tf.size(values), 1),
+            tf.reduce_all(tf.equal(tf.strings.length(values), size)),
+        )
+        raw = checked(values, ok, filename, f"feature {name} is missing or not {size} bytes")
+        out[name] = tf.reshape(tf.io.decode_raw(raw, tf.uint8), [size])
+    return out

@@ -1,0 +1,75 @@
+"""The smallNORB reader on the reference's records and on bad records."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import input_data
+from input_data.records import bytes_feature, int64_feature
+
+OFFICIAL = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "official"
+needs_official = pytest.mark.skipif(
+    not (OFFICIAL / "norb").is_dir(),
+    reason=f"reference records not found at {OFFICIAL} (../shared)")
+
+
+def raw_records(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images [n, 96, 96, 2] and labels [n] straight from the record bytes."""
+    images, labels = [], []
+    for record in tf.data.TFRecordDataset(str(path)):
+        feature = tf.train.Example.FromString(record.numpy()).features.feature
+        views = np.frombuffer(feature["image_raw"].bytes_list.value[0], np.uint8)
+        images.append(views.reshape(2, 96, 96).transpose(1, 2, 0))
+        labels.append(feature["label"].int64_list.value[0])
+    return np.stack(images), np.array(labels)
+
+
+def standardized(images: np.ndarray) -> np.ndarray:
+    mean = images.mean(axis=(1, 2, 3), keepdims=True)
+    std = images.std(axis=(1, 2, 3), keepdims=True)
+    return (images - mean) / np.maximum(std, 1 / np.sqrt(images[0].size))
+
+
+@needs_official
+def test_official_test_records():
+    norb = OFFICIAL / "norb"
+    images, labels = raw_records(norb / "testduo.tfrecords")
+    batches = list(input_data.inputs("norb", "test", str(norb), 4).as_numpy_iterator())
+    assert [len(b["labels"]) for b in batches] == [4, 2]
+    out = {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+    np.testing.assert_array_equal(out["recons_label"], labels)
+    np.testing.assert_array_equal(out["labels"], np.eye(5)[labels])
+    # TF1 bilinear resize 96 -> 48 samples every other pixel; then the central 32x32.
+    expected = standardized(images[:, ::2, ::2][:, 8:40, 8:40].astype(np.float64))
+    np.testing.assert_allclose(out["images"], expected, atol=1e-5)
+    np.testing.assert_array_equal(out["recons_image"], out["images"])
+
+
+@needs_official
+def test_official_train_records():
+    norb = OFFICIAL / "norb"
+    _, labels = raw_records(norb / "trainduo.tfrecords")
+    ds = input_data.inputs("norb", "train", str(norb), 6, seed=0)
+    batch = next(ds.as_numpy_iterator())
+    assert batch["images"].shape == (6, 32, 32, 2)
+    assert sorted(batch["recons_label"]) == sorted(labels)
+    np.testing.assert_allclose(batch["images"].mean(axis=(1, 2, 3)), 0, atol=1e-4)
+    again = input_data.inputs("norb", "train", str(norb), 6, seed=0)
+    np.testing.assert_array_equal(next(again.as_numpy_iterator())["images"], batch["images"])
+    assert input_data.dataset_info("norb") == input_data.DatasetInfo(32, 32, 2, 5, 1)
+
+
+def test_bad_records_and_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="testduo.tfrecords not found"):
+        input_data.inputs("norb", "test", str(tmp_path), 4)
+    feature = {"height": int64_feature(96), "width": int64_feature(96),
+               "depth": int64_feature(2), "label": int64_feature(1),
+               "image_raw": bytes_feature(bytes(96 * 96))}  # one view instead of two
+    with tf.io.TFRecordWriter(str(tmp_path / "testduo.tfrecords")) as writer:
+        writer.write(tf.train.Example(
+            features=tf.train.Features(feature=feature)).SerializeToString())
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="testduo.tfrecords: feature image_raw is missing or not 18432"):
+        list(input_data.inputs("norb", "test", str(tmp_path), 4))
