@@ -388,16 +388,21 @@ class ReconstructionDecoder(keras.layers.Layer):
         self.layer_sizes = layer_sizes
         units = (*layer_sizes, num_pixels)
         activations = ("relu",) * len(layer_sizes) + ("sigmoid",)
-        self.dense_layers = [
-            keras.layers.Dense(
+        # Attributes, not a list: tf.train.Checkpoint follows attributes but not the
+        # lists Keras 3 wraps, and a list would leave the decoder out of checkpoints.
+        for i, (size, activation) in enumerate(zip(units, activations, strict=True)):
+            setattr(self, f"recons_{i + 1}", keras.layers.Dense(
                 size,
                 activation=activation,
                 kernel_initializer=_reference_weight_initializer(),
                 bias_initializer=_reference_bias_initializer(),
                 name=f"recons_{i + 1}",
-            )
-            for i, (size, activation) in enumerate(zip(units, activations, strict=True))
-        ]
+            ))
+
+    @property
+    def dense_layers(self) -> list[keras.layers.Dense]:
+        """The three dense layers recons_1..3, input to output."""
+        return [getattr(self, f"recons_{i + 1}") for i in range(len(self.layer_sizes) + 1)]
 
     def _check_input_shape(self, input_shape):
         if (

@@ -324,17 +324,15 @@ class ConvBaseline(_ReferenceModel):
         padding = self.hparams.padding.lower()
         weights = keras.initializers.TruncatedNormal(stddev=0.1)
         biases = keras.initializers.Constant(0.1)
-        self.convs = [
-            keras.layers.Conv2D(
+        # Attributes, not lists: tf.train.Checkpoint does not follow Keras 3's lists.
+        for i, channels in enumerate((512, 256)):
+            setattr(self, f"conv{i + 1}", keras.layers.Conv2D(
                 channels, 5, padding=padding, activation="relu",
                 kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.05),
                 bias_initializer=biases, name=f"conv{i + 1}",
-            )
-            for i, channels in enumerate((512, 256))
-        ]
-        self.pools = [
-            keras.layers.MaxPooling2D(2, 2, padding="same", name=f"pool{i + 1}") for i in range(2)
-        ]
+            ))
+            setattr(self, f"pool{i + 1}",
+                    keras.layers.MaxPooling2D(2, 2, padding="same", name=f"pool{i + 1}"))
         self.fc1 = keras.layers.Dense(
             1024, activation="relu", kernel_initializer=weights, bias_initializer=biases,
             name="fc1",
@@ -344,6 +342,14 @@ class ConvBaseline(_ReferenceModel):
             name="softmax_layer",
         )
         self.build((None, *input_shape))
+
+    @property
+    def convs(self) -> list[keras.layers.Conv2D]:
+        return [self.conv1, self.conv2]
+
+    @property
+    def pools(self) -> list[keras.layers.MaxPooling2D]:
+        return [self.pool1, self.pool2]
 
     def build(self, input_shape):
         shape = input_shape
