@@ -69,14 +69,10 @@ class UsageError(ValueError):
 
 
 def _hparams(checkpoint: str | None):
-    from capsules import checkpoints
-    from capsules.hparams import default_hparams, parse_overrides
+    from capsules.checkpoints import checkpoint_hparams
 
-    base = None
-    if checkpoint and not FLAGS.num_trials > 1:
-        base = checkpoints.saved_hparams(checkpoint)
     try:
-        return parse_overrides(base or default_hparams(), FLAGS.hparams_override)
+        return checkpoint_hparams(checkpoint, FLAGS.hparams_override)
     except ValueError as error:
         raise UsageError(f"--hparams_override: {error}") from None
 
@@ -107,13 +103,10 @@ def _inputs(split: str, batch_size: int, repeat: bool = False):
 
 def _model(hparams):
     import input_data
-    from capsules.models import MODELS
+    from capsules.models import build_model
 
     info = input_data.dataset_info(FLAGS.dataset, FLAGS.num_targets, FLAGS.distort)
-    return MODELS[FLAGS.model](
-        hparams, input_shape=(info.height, info.width, info.depth),
-        num_classes=info.num_classes, num_targets=info.num_targets,
-    )
+    return build_model(FLAGS.model, hparams, info)
 
 
 def run_training() -> None:

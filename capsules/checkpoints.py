@@ -8,7 +8,7 @@ import os
 import keras
 import tensorflow as tf
 
-from capsules.hparams import HParams
+from capsules.hparams import HParams, default_hparams, parse_overrides
 
 HPARAMS_FILE = "hparams.json"
 
@@ -56,3 +56,14 @@ def saved_hparams(checkpoint_path: str) -> HParams | None:
         return None
     with open(path) as handle:
         return HParams(**json.load(handle)["hparams"])
+
+
+def checkpoint_hparams(checkpoint: str | None, overrides: str | None = None) -> HParams:
+    """Hyper-parameters for a model to restore `checkpoint` into.
+
+    Those saved next to the checkpoint (hparams.json), else the reference's
+    defaults (e.g. for a TF1 checkpoint), then the "key=value,..." `overrides`.
+    Raises ValueError for a bad override.
+    """
+    saved = saved_hparams(checkpoint) if checkpoint else None
+    return parse_overrides(saved or default_hparams(), overrides)

@@ -23,6 +23,12 @@ def flatten_depth_major(images: tf.Tensor) -> tf.Tensor:
     return tf.reshape(tf.transpose(images, [0, 3, 1, 2]), [tf.shape(images)[0], -1])
 
 
+def unflatten_depth_major(pixels: tf.Tensor, image_shape) -> tf.Tensor:
+    """Inverse of `flatten_depth_major`: `[batch, depth * h * w]` -> `[batch, h, w, depth]`."""
+    height, width, depth = image_shape
+    return tf.transpose(tf.reshape(pixels, [-1, depth, height, width]), [0, 2, 3, 1])
+
+
 class _ReferenceModel(keras.Model):
     """Training and evaluation shared by CapsNet and ConvBaseline.
 
@@ -305,8 +311,7 @@ class CapsNet(_ReferenceModel):
             labels = tf.argmax(labels, axis=-1)
         capsules = self.class_capsule_outputs(images)
         pixels = self.decoder([capsules, tf.one_hot(labels, self.num_classes)])
-        height, width, depth = self.image_shape
-        return tf.transpose(tf.reshape(pixels, [-1, depth, height, width]), [0, 2, 3, 1])
+        return unflatten_depth_major(pixels, self.image_shape)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -369,3 +374,13 @@ class ConvBaseline(_ReferenceModel):
 
 
 MODELS = {"capsule": CapsNet, "baseline": ConvBaseline}
+
+
+def build_model(name: str, hparams: HParams, info) -> _ReferenceModel:
+    """The model `name` ('capsule' or 'baseline') for the images of an `input_data.DatasetInfo`."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of: {', '.join(MODELS)}")
+    return MODELS[name](
+        hparams, input_shape=(info.height, info.width, info.depth),
+        num_classes=info.num_classes, num_targets=info.num_targets,
+    )

@@ -32,8 +32,7 @@ from matplotlib.figure import Figure
 
 import input_data
 from capsules import checkpoints
-from capsules.hparams import default_hparams, parse_overrides
-from capsules.models import CapsNet
+from capsules.models import CapsNet, build_model, unflatten_depth_major
 
 DPI = 100
 PERTURBATION_STEPS = tuple(round(0.05 * i, 2) for i in range(-5, 6))
@@ -70,14 +69,12 @@ def load_capsnet(checkpoint: str, dataset: str = "mnist", num_targets: int = 1,
     one that does not fit.
     """
     checkpoints.require_checkpoint(checkpoint)
-    hparams = checkpoints.saved_hparams(checkpoint) or default_hparams()
     try:
-        hparams = parse_overrides(hparams, hparams_override)
+        hparams = checkpoints.checkpoint_hparams(checkpoint, hparams_override)
     except ValueError as error:
         raise ValueError(f"--hparams_override: {error}") from None
     info = input_data.dataset_info(dataset, num_targets, distort)
-    model = CapsNet(hparams, input_shape=(info.height, info.width, info.depth),
-                    num_classes=info.num_classes, num_targets=info.num_targets)
+    model = build_model("capsule", hparams, info)
     checkpoints.restore_weights(model, checkpoint)
     return model
 
@@ -126,10 +123,8 @@ def perturbed_reconstructions(model: CapsNet, images: np.ndarray,
                + mask[:, None, None, :, None] * tweaks[None, :, :, None, :])
     tweaked = tweaked.reshape(-1, num_classes, atoms)
     masks = np.repeat(mask, atoms * len(steps), axis=0)
-    pixels = model.decoder([tweaked, masks]).numpy()
-    height, width, depth = model.image_shape
-    pictures = pixels.reshape(-1, depth, height, width).transpose(0, 2, 3, 1)
-    return pictures.reshape(num_images, atoms, len(steps), height, width, depth), predicted
+    pictures = unflatten_depth_major(model.decoder([tweaked, masks]), model.image_shape).numpy()
+    return pictures.reshape(num_images, atoms, len(steps), *model.image_shape), predicted
 
 
 # -- figures -------------------------------------------------------------------------------

@@ -125,6 +125,15 @@ def test_perturbation_columns_differ_and_step_zero_is_the_reconstruction(workspa
     np.testing.assert_allclose(pictures[:, 0, 5], plain, atol=1e-5)
 
 
+def test_pictures_come_from_the_checkpoint_decoder(workspace, tmp_path):
+    model = CapsNet(default_hparams().replace(num_prime_capsules=1, routing=1))
+    checkpoint = tf.train.Checkpoint(model=model).save(str(tmp_path / "model.ckpt"))
+    images = visualize.read_test_examples(workspace["data_dir"], 2)["images"]
+    restored = visualize.load_capsnet(checkpoint, hparams_override="num_prime_capsules=1,routing=1")
+    np.testing.assert_allclose(restored.reconstruct(images, [0, 1]),
+                               model.reconstruct(images, [0, 1]), atol=1e-6)
+
+
 def test_read_scalars_reads_tensor_summaries(workspace):
     scalars = visualize.read_scalars(os.path.join(workspace["summary_dir"], "test"))
     steps, values = scalars["accuracy"]
