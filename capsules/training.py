@@ -140,11 +140,3 @@ def train(
                     step, [("loss", scalars["loss"]), ("images/s", images_per_second)]
                 )
     return step
-
-
-def export_weights(model: keras.Model, directory: str, step: int) -> str:
-    """Saves the model's weights only (no optimizer slots) as directory/model.ckpt-STEP."""
-    fresh = type(model).from_config(model.get_config())
-    fresh.set_weights(model.get_weights())
-    manager = checkpoint_manager(fresh, directory, max_to_keep=1)
-    return manager.save(checkpoint_number=step)

@@ -1,0 +1,33 @@
+"""capsules.export: a weights-only copy of a training checkpoint."""
+
+import numpy as np
+import tensorflow as tf
+
+from capsules import CapsNet, checkpoints, default_hparams, training
+from capsules.export import export_weights
+
+
+def test_export_keeps_weights_and_drops_optimizer_state(tmp_path):
+    hparams = default_hparams().replace(num_prime_capsules=2, routing=1)
+    model = CapsNet(hparams)
+    model.compile()
+    model.optimizer.build(model.trainable_variables)
+    train_dir = tmp_path / "train"
+    train_dir.mkdir()
+    training.write_json_atomically(str(train_dir / checkpoints.HPARAMS_FILE),
+                                   {"hparams": hparams.to_dict()})
+    saved = training.checkpoint_manager(model, str(train_dir)).save(checkpoint_number=7)
+
+    prefix = export_weights(saved, str(tmp_path / "shipped"))
+    assert prefix.endswith("model.ckpt-7")
+    assert tf.train.latest_checkpoint(str(tmp_path / "shipped")) == prefix
+    names = [name for name, _ in tf.train.list_variables(prefix)]
+    assert not any("optimizer" in name for name in names)
+    assert any("decoder/recons_3" in name for name in names)
+
+    restored = CapsNet(checkpoints.saved_hparams(prefix))
+    checkpoints.restore_weights(restored, prefix)
+    images = np.random.default_rng(0).random((2, 28, 28, 1)).astype(np.float32)
+    np.testing.assert_array_equal(restored(images).numpy(), model(images).numpy())
+    np.testing.assert_array_equal(restored.reconstruct(images, [1, 2]).numpy(),
+                                  model.reconstruct(images, [1, 2]).numpy())
