@@ -152,21 +152,18 @@ def _write_test_summary(result, step: int) -> None:
     writer.close()
 
 
-def _step_of(checkpoint: str) -> int:
-    suffix = os.path.basename(checkpoint).rsplit("-", 1)[-1]
-    return int(suffix) if suffix.isdigit() else 0
-
-
 def run_evaluation() -> None:
     """Evaluates --checkpoint once, or each new checkpoint of summary_dir/train."""
     import tensorflow as tf
+
+    from capsules import checkpoints
 
     if FLAGS.checkpoint:
         model = _model(_hparams(FLAGS.checkpoint))
         result = _test_result(model, FLAGS.checkpoint)
         print(result.report(FLAGS.num_targets))
         if FLAGS.summary_dir:
-            _write_test_summary(result, _step_of(FLAGS.checkpoint))
+            _write_test_summary(result, checkpoints.checkpoint_step(FLAGS.checkpoint))
         return
     if not FLAGS.summary_dir:
         raise UsageError("--train=false needs --checkpoint, or --summary_dir to watch")
@@ -180,7 +177,7 @@ def run_evaluation() -> None:
         seen, last_new = latest, time.monotonic()
         result = _test_result(_model(_hparams(latest)), latest)
         print(f"{latest}:\n{result.report(FLAGS.num_targets)}", flush=True)
-        _write_test_summary(result, _step_of(latest))
+        _write_test_summary(result, checkpoints.checkpoint_step(latest))
 
 
 def run_ensemble() -> None:

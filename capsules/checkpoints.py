@@ -19,6 +19,12 @@ def require_checkpoint(path: str) -> None:
         raise FileNotFoundError(f"checkpoint {path} not found (no file {path}.index)")
 
 
+def checkpoint_step(path: str) -> int:
+    """The step of a checkpoint prefix `.../model.ckpt-STEP` (0 without a numeric suffix)."""
+    suffix = os.path.basename(path).rsplit("-", 1)[-1]
+    return int(suffix) if suffix.isdigit() else 0
+
+
 def is_tf1_checkpoint(path: str) -> bool:
     """True for a checkpoint written by the reference's tf.compat.v1 Saver (names by scope)."""
     names = [name for name, _ in tf.train.list_variables(path)]

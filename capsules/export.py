@@ -33,7 +33,7 @@ def export_weights(checkpoint: str, output_dir: str, model_name: str = "capsule"
     hparams = checkpoints.checkpoint_hparams(checkpoint)
     model = build_model(model_name, hparams, input_data.dataset_info(dataset, num_targets))
     checkpoints.restore_weights(model, checkpoint)
-    step = int(os.path.basename(checkpoint).rsplit("-", 1)[-1])
+    step = checkpoints.checkpoint_step(checkpoint)
     os.makedirs(output_dir, exist_ok=True)
     manager = tf.train.CheckpointManager(
         tf.train.Checkpoint(model=model), output_dir, max_to_keep=1,
