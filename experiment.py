@@ -62,6 +62,12 @@ def define_flags() -> None:
     flags.DEFINE_integer("eval_timeout_secs", 6 * 3600,
                          "Continuous evaluation: stop after this long without a new checkpoint.",
                          lower_bound=0)
+    flags.DEFINE_bool(
+        "mixed_bfloat16", False,
+        "Keras' 'mixed_bfloat16' policy: convolutions and votes in bfloat16, routing, "
+        "lengths, decoder and losses in float32, weights float32 (checkpoints unchanged). "
+        "About 1.6x faster training on a CPU with AVX512-BF16; see README 'Speed'.",
+    )
 
 
 class UsageError(ValueError):
@@ -102,9 +108,14 @@ def _inputs(split: str, batch_size: int, repeat: bool = False):
 
 
 def _model(hparams):
+    import keras
+
     import input_data
     from capsules.models import build_model
 
+    keras.mixed_precision.set_global_policy(
+        "mixed_bfloat16" if FLAGS.mixed_bfloat16 else "float32"
+    )
     info = input_data.dataset_info(FLAGS.dataset, FLAGS.num_targets, FLAGS.distort)
     return build_model(FLAGS.model, hparams, info)
 
@@ -124,7 +135,7 @@ def run_training() -> None:
     config = {
         name: FLAGS[name].value
         for name in ("model", "dataset", "num_targets", "random_shift", "distort", "batch_size",
-                     "validate", "seed")
+                     "validate", "seed", "mixed_bfloat16")
     }
     training.train(
         model, dataset, os.path.join(FLAGS.summary_dir, "train"), FLAGS.max_steps,

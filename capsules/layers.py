@@ -37,7 +37,9 @@ class _RoutedCapsule(keras.layers.Layer):
     """Base of the capsule layers: votes from the layer below, then routing by agreement.
 
     Subclasses define the kernel shape and `_votes`; this base owns the
-    arguments, the weights, the routing and the config.
+    arguments, the weights, the routing and the config. Under a mixed dtype
+    policy the votes use the compute dtype and the routing (and the output)
+    the float32 variable dtype.
     """
 
     def __init__(
@@ -80,15 +82,21 @@ class _RoutedCapsule(keras.layers.Layer):
             shape=self._kernel_shape(input_shape),
             initializer=self.kernel_initializer,
         )
+        # Not autocast: under a mixed policy the routing runs in the variable dtype.
         self.bias = self.add_weight(
-            name="bias", shape=(self.num_capsules, self.atoms), initializer=self.bias_initializer
+            name="bias", shape=(self.num_capsules, self.atoms), initializer=self.bias_initializer,
+            autocast=False,
         )
 
     def _votes(self, inputs: tf.Tensor) -> tf.Tensor:
         raise NotImplementedError
 
     def call(self, inputs):
-        return ops.update_routing(self._votes(inputs), self.bias, self.num_routing, self.leaky)
+        # Under a mixed policy (e.g. keras' "mixed_bfloat16") the votes are computed in
+        # the low-precision compute dtype and routed in the float32 variable dtype: the
+        # softmax, squash and agreements need float32's range and precision.
+        votes = tf.cast(self._votes(inputs), self.variable_dtype)
+        return ops.update_routing(votes, self.bias, self.num_routing, self.leaky)
 
     def get_config(self):
         config = super().get_config()
@@ -139,10 +147,13 @@ class Capsule(_RoutedCapsule):
         self.input_spec = keras.InputSpec(ndim=3, axes={1: input_shape[1], 2: input_shape[2]})
 
     def _votes(self, inputs):
-        # One batched contraction [b, i, c] x [i, c, o] -> [b, i, o] instead of
-        # the reference's tile + multiply + reduce_sum; same values.
-        votes = tf.einsum("bic,ico->bio", inputs, self.kernel)
-        return tf.reshape(votes, [-1, inputs.shape[1], self.num_capsules, self.atoms])
+        """Votes `[batch, num_capsules, input_dim, atoms]`, the layout of `ops.update_routing`."""
+        # One matmul batched over the input capsules, [i, b, c] x [i, c, j * k] ->
+        # [i, b, j * k], instead of the reference's tile + multiply + reduce_sum; same
+        # values, and faster on CPU than the equivalent einsum "bic,icjk->bjik".
+        votes = tf.matmul(tf.transpose(inputs, [1, 0, 2]), self.kernel)
+        votes = tf.reshape(votes, [inputs.shape[1], -1, self.num_capsules, self.atoms])
+        return tf.transpose(votes, [1, 2, 0, 3])
 
     def compute_output_shape(self, input_shape):
         self._check_input_shape(input_shape)
@@ -216,19 +227,24 @@ class ConvCapsule(_RoutedCapsule):
         self.input_spec = keras.InputSpec(ndim=5, axes={3: input_shape[3], 4: input_shape[4]})
 
     def _votes(self, inputs):
-        """Votes `[batch, input_dim, out_height, out_width, num_capsules, atoms]`."""
+        """Votes `[batch, out_height, out_width, num_capsules, input_dim, atoms]`.
+
+        One convolution over the input capsules stacked on the batch axis, then
+        input_dim moved next to the atoms (the layout of `ops.update_routing`).
+        """
         _, height, width, input_dim, input_atoms = inputs.shape
         batch = tf.shape(inputs)[0]
         if input_dim == 1:
             per_capsule = inputs[:, :, :, 0]
         else:
-            per_capsule = tf.transpose(inputs, [0, 3, 1, 2, 4])
-        per_capsule = tf.reshape(per_capsule, [-1, height, width, input_atoms])
+            per_capsule = tf.reshape(
+                tf.transpose(inputs, [0, 3, 1, 2, 4]), [-1, height, width, input_atoms]
+            )
         conv = tf.nn.conv2d(per_capsule, self.kernel, self.strides, self.padding)
-        return tf.reshape(
-            conv,
-            [batch, input_dim, conv.shape[1], conv.shape[2], self.num_capsules, self.atoms],
+        votes = tf.reshape(
+            conv, [batch, input_dim, conv.shape[1], conv.shape[2], self.num_capsules, self.atoms]
         )
+        return tf.transpose(votes, [0, 2, 3, 4, 1, 5])
 
     def compute_output_shape(self, input_shape):
         self._check_input_shape(input_shape)
@@ -396,6 +412,7 @@ class ReconstructionDecoder(keras.layers.Layer):
                 activation=activation,
                 kernel_initializer=_reference_weight_initializer(),
                 bias_initializer=_reference_bias_initializer(),
+                dtype=self.dtype_policy,
                 name=f"recons_{i + 1}",
             ))
 

@@ -31,16 +31,16 @@ def squash(x: tf.Tensor, axis: int = -1) -> tf.Tensor:
 
 
 def _routing_softmax(logits: tf.Tensor, leaky: bool) -> tf.Tensor:
-    """Softmax of routing logits over the output capsules (last axis).
+    """Softmax of routing logits `[..., output_dim, input_dim]` over the output capsules.
 
     Leaky routing (the reference's `_leaky_routing`) adds a zero logit in front,
-    takes the softmax over output_dim + 1 and drops the extra column, so an input
+    takes the softmax over output_dim + 1 and drops the extra row, so an input
     capsule that fits no output can send part of its vote nowhere.
     """
     if not leaky:
-        return tf.nn.softmax(logits, axis=-1)
-    leak = tf.zeros_like(logits[..., :1])
-    return tf.nn.softmax(tf.concat([leak, logits], axis=-1), axis=-1)[..., 1:]
+        return tf.nn.softmax(logits, axis=-2)
+    leak = tf.zeros_like(logits[..., :1, :])
+    return tf.nn.softmax(tf.concat([leak, logits], axis=-2), axis=-2)[..., 1:, :]
 
 
 def update_routing(
@@ -49,41 +49,48 @@ def update_routing(
     """Routing by agreement (procedure 1 of the paper, the reference's `_update_routing`).
 
     Fully connected form:
-        votes  `[batch, input_dim, output_dim, output_atoms]`,
+        votes  `[batch, output_dim, input_dim, output_atoms]`,
         biases `[output_dim, output_atoms]`,
         returns `[batch, output_dim, output_atoms]`.
-    Convolutional form: votes carry spatial axes between input_dim and output_dim,
-        votes  `[batch, input_dim, height, width, output_dim, output_atoms]`,
+    Convolutional form: votes carry spatial axes after batch,
+        votes  `[batch, height, width, output_dim, input_dim, output_atoms]`,
         biases `[output_dim, output_atoms]` (shared over positions),
         returns `[batch, height, width, output_dim, output_atoms]`;
     routing is done independently at every position. Any number of spatial axes works.
 
-    Logits b start at zero. Each iteration:
+    Logits b `[batch, (spatial...), output_dim, input_dim]` start at zero. Each iteration:
         c = softmax(b) over output_dim (leaky: with an extra zero logit, dropped),
         s = sum over input_dim of c * votes + biases,
         v = squash(s) over atoms,
         b += <votes, v> over atoms.
     The loop is a `tf.while_loop`, differentiable through every iteration as in
     the reference (no stop_gradient). Returns the activation v of the last iteration.
+
+    The reference orders votes `[batch, input_dim, ..., output_dim, atoms]` and
+    computes both sums by tiling and reduce_sum. Here input_dim sits next to the
+    atoms, so that for every (batch, position, output capsule) the weighted sum is
+    one matrix product `[1, input_dim] x [input_dim, atoms]` and the agreement one
+    `[input_dim, atoms] x [atoms, 1]`: batched matmuls, no tiles or transposes.
+    Same values (benchmarks/throughput.py times both).
     """
     if num_routing < 1:
         raise ValueError(f"num_routing must be >= 1, got {num_routing}")
     votes = tf.convert_to_tensor(votes)
     if votes.shape.rank is not None and votes.shape.rank < 4:
         raise ValueError(
-            "votes must be [batch, input_dim, (spatial...), output_dim, output_atoms], "
+            "votes must be [batch, (spatial...), output_dim, input_dim, output_atoms], "
             f"got shape {votes.shape}"
         )
 
     def route_and_squash(logits: tf.Tensor) -> tf.Tensor:
         route = _routing_softmax(logits, leaky)
-        preactivation = tf.reduce_sum(route[..., None] * votes, axis=1) + biases
+        preactivation = tf.squeeze(tf.matmul(route[..., None, :], votes), axis=-2) + biases
         return squash(preactivation, axis=-1)
 
     def body(i, logits):
         activation = route_and_squash(logits)
-        # Agreement <u_hat_j|i, v_j>: the activation is broadcast over input_dim.
-        return i + 1, logits + tf.reduce_sum(votes * activation[:, None], axis=-1)
+        # Agreement <u_hat_j|i, v_j> of every input capsule i with output capsule j.
+        return i + 1, logits + tf.squeeze(tf.matmul(votes, activation[..., None]), axis=-1)
 
     # The last iteration's logit update is never read: run num_routing - 1
     # iterations in the loop, then route once more. Same values as the reference.

@@ -312,6 +312,22 @@ def test_evaluation_of_a_checkpoint_prints_the_reference_line(data, first_run):
     assert "almost" not in figures
 
 
+def test_mixed_bfloat16_trains_float32_weights_and_evaluates(data, tmp_path):
+    experiment(f"--data_dir={data['dir']}", f"--summary_dir={tmp_path}", "--max_steps=2",
+               "--batch_size=4", f"--hparams_override={SMALL}", "--mixed_bfloat16", check=True)
+    train_dir = tmp_path / "train"
+    assert json.loads((train_dir / "hparams.json").read_text())["mixed_bfloat16"] is True
+    checkpoint = str(train_dir / "model.ckpt-2")
+    reader = tf.train.load_checkpoint(checkpoint)
+    dtypes = {name: dtype for name, dtype in reader.get_variable_to_dtype_map().items()
+              if name.endswith("VARIABLE_VALUE")}
+    assert dtypes and set(dtypes.values()) <= {tf.float32, tf.int64}, dtypes
+    restored_capsnet(checkpoint, (28, 28, 1))  # a float32 model takes the weights
+    result = experiment(f"--data_dir={data['dir']}", "--train=false", "--mixed_bfloat16",
+                        f"--checkpoint={checkpoint}", "--eval_size=5", check=True)
+    assert report(result.stdout)["total"] == 5
+
+
 def test_multimnist_training_and_evaluation_print_the_almost_line(data, tmp_path):
     args = [f"--data_dir={data['multi']}", "--num_targets=2"]
     experiment(*args, f"--summary_dir={tmp_path}", "--max_steps=1", "--batch_size=4",

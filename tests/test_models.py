@@ -215,3 +215,48 @@ def test_bad_model_arguments_raise():
         CapsNet(num_targets=3)
     with pytest.raises(ValueError, match="remake"):
         CapsNet(default_hparams().replace(remake=False)).reconstruct(_images(1, (28, 28, 1)), [0])
+
+
+@pytest.fixture
+def mixed_bfloat16():
+    """Keras' 'mixed_bfloat16' global policy for the models built in the test."""
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("leaky", [False, True])
+def test_mixed_bfloat16_routes_in_float32_close_to_float32(leaky, mixed_bfloat16):
+    mixed = _small(leaky=leaky)
+    keras.mixed_precision.set_global_policy("float32")
+    plain = _small(leaky=leaky)
+    plain.set_weights(mixed.get_weights())
+    images = _images(8, seed=5)
+    assert all(w.dtype == "float32" for w in mixed.weights)
+    hidden = mixed.conv1(images)
+    primary = mixed.primary_capsules(hidden)
+    # bfloat16 convolutions; routing, capsules and logits in float32.
+    assert (hidden.dtype, primary.dtype) == (tf.bfloat16, tf.float32)
+    assert mixed.class_capsules(primary).dtype == tf.float32
+    logits, expected = mixed(images), plain(images).numpy()
+    assert logits.dtype == tf.float32
+    # bfloat16 keeps 8 bits of mantissa: relative errors near 2^-8 per product.
+    np.testing.assert_allclose(logits.numpy(), expected, rtol=0, atol=2e-2)
+    assert not np.array_equal(logits.numpy(), expected)  # the convolutions did run in bf16
+
+
+def test_mixed_bfloat16_trains_and_shares_checkpoints_with_float32(tmp_path, mixed_bfloat16):
+    keras.utils.set_random_seed(0)
+    mixed = _small()
+    mixed.compile(optimizer=keras.optimizers.Adam(1e-3))
+    images, labels = _images(16, seed=4), np.arange(16) % 5
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
+    history = mixed.fit(dataset, epochs=8, verbose=0).history["loss"]
+    assert all(np.isfinite(history)) and history[-1] < history[0]
+    path = tf.train.Checkpoint(model=mixed).save(str(tmp_path / "ckpt"))
+    keras.mixed_precision.set_global_policy("float32")
+    plain = _small()
+    status = tf.train.Checkpoint(model=plain).restore(path)
+    status.assert_existing_objects_matched().expect_partial()  # no optimizer here
+    for ours, theirs in zip(plain.get_weights(), mixed.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)

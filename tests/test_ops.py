@@ -14,6 +14,11 @@ def _random(shape, seed):
     return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
 
+def _package_layout(votes):
+    """Reference votes [batch, in, (spatial...), out, atoms] -> [batch, ..., out, in, atoms]."""
+    return np.moveaxis(votes, 1, -2)
+
+
 @pytest.mark.parametrize("shape", [(4, 8), (2, 3, 16), (1, 5, 5, 4, 8)])
 def test_squash_matches_numpy(shape):
     x = _random(shape, 0)
@@ -58,38 +63,39 @@ def test_safe_norm_matches_numpy_and_keepdims():
 def test_update_routing_matches_numpy(votes_shape, num_routing, leaky):
     votes = _random(votes_shape, 3)
     biases = _random(votes_shape[-2:], 4) * 0.1
-    got = ops.update_routing(tf.constant(votes), tf.constant(biases), num_routing, leaky)
+    got = ops.update_routing(tf.constant(_package_layout(votes)), tf.constant(biases),
+                             num_routing, leaky)
     want = ref.routing(votes, biases.astype(np.float64), num_routing, leaky)
     assert got.shape == (votes_shape[0], *votes_shape[2:])
     np.testing.assert_allclose(got.numpy(), want, rtol=RTOL, atol=1e-6)
 
 
 def test_more_routing_iterations_change_the_output():
-    votes, biases = _random((2, 9, 5, 4), 5), np.zeros((5, 4), np.float32)
+    votes, biases = _random((2, 5, 9, 4), 5), np.zeros((5, 4), np.float32)
     outputs = [ops.update_routing(votes, biases, n).numpy() for n in (1, 2, 3)]
     assert not np.allclose(outputs[0], outputs[1], atol=1e-4)
     assert not np.allclose(outputs[1], outputs[2], atol=1e-4)
 
 
 def test_leaky_routes_sum_to_less_than_one():
-    logits = tf.constant(_random((2, 6, 5), 6))
+    logits = tf.constant(_random((2, 5, 6), 6))  # [batch, out, in]
     routes = ops._routing_softmax(logits, leaky=True).numpy()
-    assert np.all(routes.sum(axis=-1) < 1.0)
-    np.testing.assert_allclose(ops._routing_softmax(logits, leaky=False).numpy().sum(-1), 1.0,
+    assert np.all(routes.sum(axis=-2) < 1.0)
+    np.testing.assert_allclose(ops._routing_softmax(logits, leaky=False).numpy().sum(-2), 1.0,
                                rtol=1e-6)
 
 
 def test_one_iteration_routes_uniformly():
-    votes = _random((2, 1, 3, 3, 4, 8), 7)
+    votes = _random((2, 3, 3, 4, 1, 8), 7)  # [batch, h, w, out, in=1, atoms]
     biases = _random((4, 8), 8)
     for leaky, share in ((False, 1 / 4), (True, 1 / 5)):
         got = ops.update_routing(votes, biases, 1, leaky).numpy()
-        np.testing.assert_allclose(got, ref.squash(votes[:, 0] * share + biases), rtol=RTOL,
-                                   atol=1e-7)
+        np.testing.assert_allclose(got, ref.squash(votes[..., 0, :] * share + biases),
+                                   rtol=RTOL, atol=1e-7)
 
 
 def test_update_routing_is_differentiable_through_the_loop():
-    votes = tf.Variable(_random((2, 6, 3, 4), 9))
+    votes = tf.Variable(_random((2, 3, 6, 4), 9))
     with tf.GradientTape() as tape:
         out = tf.reduce_sum(ops.update_routing(votes, tf.zeros([3, 4]), 3) ** 2)
     gradient = tape.gradient(out, votes).numpy()
@@ -97,7 +103,7 @@ def test_update_routing_is_differentiable_through_the_loop():
 
 
 def test_update_routing_compiles_with_xla():
-    votes, biases = _random((2, 6, 3, 4), 10), np.zeros((3, 4), np.float32)
+    votes, biases = _random((2, 3, 6, 4), 10), np.zeros((3, 4), np.float32)
     compiled = tf.function(lambda v: ops.update_routing(v, biases, 3), jit_compile=True)
     np.testing.assert_allclose(compiled(votes).numpy(),
                                ops.update_routing(votes, biases, 3).numpy(), rtol=1e-5)
