@@ -308,10 +308,10 @@ def measure_eval(model, batch_size: int, warmup: int, steps: int, memory: bool =
     return result
 
 
-def matmul_gflops(size: int, iterations: int) -> float:
-    """Best GFLOP/s of a float32 size x size matmul in a tf.function."""
-    a = tf.random.normal([size, size], seed=1)
-    b = tf.random.normal([size, size], seed=2)
+def matmul_gflops(size: int, iterations: int, dtype=tf.float32) -> float:
+    """Best GFLOP/s of a size x size matmul of `dtype` in a tf.function."""
+    a = tf.cast(tf.random.normal([size, size], seed=1), dtype)
+    b = tf.cast(tf.random.normal([size, size], seed=2), dtype)
     matmul = tf.function(tf.matmul)
     matmul(a, b).numpy()
     best = float("inf")
@@ -447,6 +447,10 @@ def main(argv: list[str]) -> None:
     print(f"matmul {f.matmul_size}x{f.matmul_size} float32: {gflops:.1f} GFLOP/s -> training "
           f"ceiling {ceiling:.1f} images/s, evaluation ceiling "
           f"{gflops * 1e9 / eval_flops:.1f} images/s")
+    if f.mixed_bfloat16:
+        print(f"matmul {f.matmul_size}x{f.matmul_size} bfloat16: "
+              f"{matmul_gflops(f.matmul_size, f.matmul_iterations, tf.bfloat16):.1f} GFLOP/s "
+              "(fraction_of_ceiling is against float32's, as for the package)")
     for note in notes:
         print(note)
     print()
