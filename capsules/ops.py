@@ -37,10 +37,13 @@ def _routing_softmax(logits: tf.Tensor, leaky: bool) -> tf.Tensor:
     takes the softmax over output_dim + 1 and drops the extra row, so an input
     capsule that fits no output can send part of its vote nowhere.
     """
-    if not leaky:
-        return tf.nn.softmax(logits, axis=-2)
-    leak = tf.zeros_like(logits[..., :1, :])
-    return tf.nn.softmax(tf.concat([leak, logits], axis=-2), axis=-2)[..., 1:, :]
+    if leaky:
+        logits = tf.concat([tf.zeros_like(logits[..., :1, :]), logits], axis=-2)
+    # exp / sum written out: tf.nn.softmax over a non-last axis transposes with a
+    # permutation XLA cannot see as a constant inside the loop's gradient.
+    exp = tf.exp(logits - tf.reduce_max(logits, axis=-2, keepdims=True))
+    route = exp / tf.reduce_sum(exp, axis=-2, keepdims=True)
+    return route[..., 1:, :] if leaky else route
 
 
 def update_routing(
@@ -93,12 +96,17 @@ def update_routing(
         return i + 1, logits + tf.squeeze(tf.matmul(votes, activation[..., None]), axis=-1)
 
     # The last iteration's logit update is never read: run num_routing - 1
-    # iterations in the loop, then route once more. Same values as the reference.
-    _, logits = tf.while_loop(
-        lambda i, logits: i < num_routing - 1,
-        body,
-        loop_vars=(tf.constant(0), tf.zeros_like(votes[..., 0])),
-    )
+    # iterations in the loop (none for one iteration, as the primary capsules),
+    # then route once more. Same values as the reference.
+    logits = tf.zeros_like(votes[..., 0])
+    if num_routing > 1:
+        _, logits = tf.while_loop(
+            lambda i, logits: i < num_routing - 1,
+            body,
+            loop_vars=(tf.constant(0), logits),
+            # A static bound lets XLA compile the loop's gradient (its accumulators).
+            maximum_iterations=num_routing - 1,
+        )
     return route_and_squash(logits)
 
 

@@ -162,6 +162,21 @@ def test_fit_accepts_k_hot_labels_and_feature_dicts():
     assert model.evaluate(tf.data.Dataset.from_tensors(features), verbose=0, return_dict=True)
 
 
+def test_xla_training_step_matches_the_plain_one():
+    plain, compiled = _small(), _small()
+    compiled.set_weights(plain.get_weights())
+    plain.compile(optimizer=keras.optimizers.SGD(0.1))
+    compiled.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=True)
+    dataset = tf.data.Dataset.from_tensors((_images(4, seed=6), np.arange(4)))
+    before = plain.get_weights()
+    plain.fit(dataset, verbose=0)
+    compiled.fit(dataset, verbose=0)
+    for start, ours, theirs in zip(before, plain.get_weights(), compiled.get_weights(),
+                                   strict=True):
+        np.testing.assert_allclose(theirs - start, ours - start, rtol=0, atol=1e-5)
+    assert any(not np.allclose(a, b) for a, b in zip(before, plain.get_weights(), strict=True))
+
+
 @pytest.mark.parametrize("labels", [np.eye(7, dtype=np.float32)[[0, 1]],
                                     np.array([0.5, 1.5], np.float32)])
 def test_labels_of_the_wrong_shape_raise(labels):

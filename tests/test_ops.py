@@ -109,6 +109,21 @@ def test_update_routing_compiles_with_xla():
                                ops.update_routing(votes, biases, 3).numpy(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("leaky", [False, True])
+def test_update_routing_gradient_compiles_with_xla(leaky):
+    votes, biases = tf.constant(_random((2, 3, 6, 4), 11)), tf.zeros([3, 4])
+
+    def gradient(v):
+        with tf.GradientTape() as tape:
+            tape.watch(v)
+            out = tf.reduce_sum(ops.update_routing(v, biases, 3, leaky) ** 2)
+        return tape.gradient(out, v)
+
+    compiled = tf.function(gradient, jit_compile=True)
+    np.testing.assert_allclose(compiled(votes).numpy(), gradient(votes).numpy(), rtol=1e-5,
+                               atol=1e-6)
+
+
 @pytest.mark.parametrize("bad", [0, -1])
 def test_update_routing_rejects_bad_iterations(bad):
     with pytest.raises(ValueError, match="num_routing"):
