@@ -108,14 +108,9 @@ def _inputs(split: str, batch_size: int, repeat: bool = False):
 
 
 def _model(hparams):
-    import keras
-
     import input_data
     from capsules.models import build_model
 
-    keras.mixed_precision.set_global_policy(
-        "mixed_bfloat16" if FLAGS.mixed_bfloat16 else "float32"
-    )
     info = input_data.dataset_info(FLAGS.dataset, FLAGS.num_targets, FLAGS.distort)
     return build_model(FLAGS.model, hparams, info)
 
@@ -214,8 +209,12 @@ def run_ensemble() -> None:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    import keras
+
     from capsules.training import NonFiniteLossError
 
+    # Once for the run: every model built from here on takes this policy.
+    keras.mixed_precision.set_global_policy("mixed_bfloat16" if FLAGS.mixed_bfloat16 else "float32")
     try:
         if FLAGS.train:
             run_training()

@@ -12,7 +12,7 @@ layer shapes; and the peak memory of a step. Every measurement is repeated
 --rounds times, the models alternating, and the best images/s kept (the
 machine may be shared).
 
-  python benchmarks/throughput.py            # about 3 minutes on an idle 2-core CPU
+  python benchmarks/throughput.py            # about 2.5 minutes on an idle 2-core CPU
   python benchmarks/throughput.py --rounds=1 --train_steps=2 --eval_steps=2 --warmup=1  # smoke
   python benchmarks/throughput.py --jit_compile --nomixed_bfloat16 --batch_sizes=128 --rounds=1
 
