@@ -13,6 +13,7 @@ import keras
 import tensorflow as tf
 
 from capsules import ops
+from capsules.conv import patch_conv2d
 
 _PACKAGE = "capsules"
 
@@ -240,7 +241,7 @@ class ConvCapsule(_RoutedCapsule):
             per_capsule = tf.reshape(
                 tf.transpose(inputs, [0, 3, 1, 2, 4]), [-1, height, width, input_atoms]
             )
-        conv = tf.nn.conv2d(per_capsule, self.kernel, self.strides, self.padding)
+        conv = patch_conv2d(per_capsule, self.kernel, self.strides, self.padding)
         votes = tf.reshape(
             conv, [batch, input_dim, conv.shape[1], conv.shape[2], self.num_capsules, self.atoms]
         )

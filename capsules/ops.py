@@ -95,18 +95,25 @@ def update_routing(
         # Agreement <u_hat_j|i, v_j> of every input capsule i with output capsule j.
         return i + 1, logits + tf.squeeze(tf.matmul(votes, activation[..., None]), axis=-1)
 
+    if num_routing == 1:
+        # One iteration (the primary capsules): zero logits route the same share,
+        # softmax(0) = 1/output_dim (1/(output_dim + 1) leaky), of every vote, so
+        # s = share * sum_i votes + biases: no logits, routes or matmuls to form.
+        output_dim = votes.shape[-3]
+        if output_dim is None:
+            output_dim = tf.shape(votes)[-3]
+        share = 1.0 / tf.cast(output_dim + int(leaky), votes.dtype)
+        return squash(tf.reduce_sum(votes, axis=-2) * share + biases, axis=-1)
+
     # The last iteration's logit update is never read: run num_routing - 1
-    # iterations in the loop (none for one iteration, as the primary capsules),
-    # then route once more. Same values as the reference.
-    logits = tf.zeros_like(votes[..., 0])
-    if num_routing > 1:
-        _, logits = tf.while_loop(
-            lambda i, logits: i < num_routing - 1,
-            body,
-            loop_vars=(tf.constant(0), logits),
-            # A static bound lets XLA compile the loop's gradient (its accumulators).
-            maximum_iterations=num_routing - 1,
-        )
+    # iterations in the loop, then route once more. Same values as the reference.
+    _, logits = tf.while_loop(
+        lambda i, logits: i < num_routing - 1,
+        body,
+        loop_vars=(tf.constant(0), tf.zeros_like(votes[..., 0])),
+        # A static bound lets XLA compile the loop's gradient (its accumulators).
+        maximum_iterations=num_routing - 1,
+    )
     return route_and_squash(logits)
 
 

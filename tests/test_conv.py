@@ -1,0 +1,105 @@
+"""capsules.conv.patch_conv2d computes tf.nn.conv2d's values and gradients."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from capsules import conv
+
+
+def _random(shape, seed):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def _numpy_patches(x, kernel_size, strides):
+    """im2col written as loops: `[batch * out_h * out_w, k * k * channels]`, VALID."""
+    batch, height, width, _ = x.shape
+    rows = []
+    for b in range(batch):
+        for oy in range((height - kernel_size) // strides + 1):
+            for ox in range((width - kernel_size) // strides + 1):
+                y, z = oy * strides, ox * strides
+                rows.append(x[b, y:y + kernel_size, z:z + kernel_size].reshape(-1))
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("height,width,kernel_size,strides", [(20, 20, 9, 2), (7, 9, 3, 1),
+                                                              (8, 6, 5, 2), (4, 4, 4, 3)])
+def test_patch_indices_gather_the_receptive_fields(height, width, kernel_size, strides):
+    x = _random((2, height, width, 3), 0)
+    indices = conv.patch_indices(height, width, kernel_size, strides)
+    gathered = x.reshape(2, height * width, 3)[:, indices].reshape(-1, kernel_size**2 * 3)
+    np.testing.assert_array_equal(gathered, _numpy_patches(x, kernel_size, strides))
+
+
+# (batch, height, width, channels, out_channels, kernel_size, strides, padding); batches of
+# 1 and 6 leave some of the batch pieces empty or one image shorter.
+_CASES = [
+    (6, 20, 20, 16, 24, 9, 2, "VALID"),
+    (1, 20, 20, 8, 8, 9, 2, "VALID"),
+    (5, 8, 8, 4, 6, 5, 2, "SAME"),
+    (3, 7, 10, 3, 5, 3, 1, "SAME"),
+    (4, 9, 9, 2, 3, 3, 2, "same"),
+    (2, 6, 6, 3, 4, 1, 1, "VALID"),
+]
+
+
+@pytest.mark.parametrize("batch,height,width,channels,out_channels,kernel_size,strides,padding",
+                         _CASES)
+def test_patch_conv2d_values_and_gradients_equal_conv2d(
+    batch, height, width, channels, out_channels, kernel_size, strides, padding
+):
+    x = tf.constant(_random((batch, height, width, channels), 1))
+    kernel = tf.Variable(_random((kernel_size, kernel_size, channels, out_channels), 2))
+    results = []
+    for fn, fn_padding in ((conv.patch_conv2d, padding), (tf.nn.conv2d, padding.upper())):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = fn(x, kernel, strides, fn_padding)
+            # A weighted sum, so every output position has its own upstream gradient.
+            loss = tf.reduce_sum(y * tf.constant(_random(y.shape, 3)))
+        results.append([y, *tape.gradient(loss, [x, kernel])])
+    for ours, plain in zip(*results, strict=True):
+        assert ours.shape == plain.shape
+        np.testing.assert_allclose(ours.numpy(), plain.numpy(), rtol=1e-5, atol=1e-4)
+
+
+def test_patch_conv2d_with_unknown_batch_in_tf_function_and_xla():
+    kernel = tf.constant(_random((5, 5, 4, 6), 4))
+    spec = tf.TensorSpec([None, 12, 12, 4], tf.float32)
+    traced = tf.function(lambda x: conv.patch_conv2d(x, kernel, 2, "VALID"), input_signature=[spec])
+    compiled = tf.function(lambda x: conv.patch_conv2d(x, kernel, 2, "VALID"), jit_compile=True)
+    for batch in (1, 7):
+        x = _random((batch, 12, 12, 4), batch)
+        expected = tf.nn.conv2d(x, kernel, 2, "VALID").numpy()
+        np.testing.assert_allclose(traced(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(compiled(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_patch_conv2d_unknown_spatial_size_is_conv2d():
+    kernel = tf.constant(_random((3, 3, 2, 5), 5))
+    spec = tf.TensorSpec([None, None, None, 2], tf.float32)
+    traced = tf.function(lambda x: conv.patch_conv2d(x, kernel, 1, "SAME"), input_signature=[spec])
+    x = _random((2, 6, 5, 2), 6)
+    np.testing.assert_allclose(traced(x).numpy(), tf.nn.conv2d(x, kernel, 1, "SAME").numpy(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_patch_conv2d_bfloat16():
+    x = _random((3, 10, 10, 8), 7)
+    kernel = _random((3, 3, 8, 4), 8)
+    got = conv.patch_conv2d(tf.cast(x, tf.bfloat16), tf.cast(kernel, tf.bfloat16), 1, "VALID")
+    assert got.dtype == tf.bfloat16
+    expected = tf.nn.conv2d(x, kernel, 1, "VALID").numpy()
+    np.testing.assert_allclose(tf.cast(got, tf.float32).numpy(), expected, rtol=0.05, atol=0.2)
+
+
+@pytest.mark.parametrize("kernel_shape,padding,message", [
+    ((3, 3, 5, 4), "VALID", "square kernel"),
+    ((3, 2, 4, 4), "VALID", "square kernel"),
+    ((3, 3, 4, 4), "FULL", "padding must be 'VALID' or 'SAME'"),
+    ((9, 9, 4, 4), "VALID", "does not fit"),
+])
+def test_patch_conv2d_rejects_bad_arguments(kernel_shape, padding, message):
+    with pytest.raises(ValueError, match=message):
+        conv.patch_conv2d(tf.zeros([1, 6, 6, 4]), tf.zeros(kernel_shape), 1, padding)
