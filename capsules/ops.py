@@ -66,15 +66,16 @@ def update_routing(
         s = sum over input_dim of c * votes + biases,
         v = squash(s) over atoms,
         b += <votes, v> over atoms.
-    The loop is a `tf.while_loop`, differentiable through every iteration as in
-    the reference (no stop_gradient). Returns the activation v of the last iteration.
+    Differentiable through every iteration, as the reference (no stop_gradient).
+    Returns the activation v of the last iteration.
 
     The reference orders votes `[batch, input_dim, ..., output_dim, atoms]` and
     computes both sums by tiling and reduce_sum. Here input_dim sits next to the
     atoms, so that for every (batch, position, output capsule) the weighted sum is
     one matrix product `[1, input_dim] x [input_dim, atoms]` and the agreement one
     `[input_dim, atoms] x [atoms, 1]`: batched matmuls, no tiles or transposes.
-    Same values (benchmarks/throughput.py times both).
+    Same values (benchmarks/throughput.py times both). The iterations are unrolled
+    (num_routing is a Python int) and the gradient is written out, see `_route`.
     """
     if num_routing < 1:
         raise ValueError(f"num_routing must be >= 1, got {num_routing}")
@@ -84,17 +85,6 @@ def update_routing(
             "votes must be [batch, (spatial...), output_dim, input_dim, output_atoms], "
             f"got shape {votes.shape}"
         )
-
-    def route_and_squash(logits: tf.Tensor) -> tf.Tensor:
-        route = _routing_softmax(logits, leaky)
-        preactivation = tf.squeeze(tf.matmul(route[..., None, :], votes), axis=-2) + biases
-        return squash(preactivation, axis=-1)
-
-    def body(i, logits):
-        activation = route_and_squash(logits)
-        # Agreement <u_hat_j|i, v_j> of every input capsule i with output capsule j.
-        return i + 1, logits + tf.squeeze(tf.matmul(votes, activation[..., None]), axis=-1)
-
     if num_routing == 1:
         # One iteration (the primary capsules): zero logits route the same share,
         # softmax(0) = 1/output_dim (1/(output_dim + 1) leaky), of every vote, so
@@ -104,17 +94,76 @@ def update_routing(
             output_dim = tf.shape(votes)[-3]
         share = 1.0 / tf.cast(output_dim + int(leaky), votes.dtype)
         return squash(tf.reduce_sum(votes, axis=-2) * share + biases, axis=-1)
+    return _route(votes, tf.convert_to_tensor(biases, votes.dtype), num_routing, leaky)
 
-    # The last iteration's logit update is never read: run num_routing - 1
-    # iterations in the loop, then route once more. Same values as the reference.
-    _, logits = tf.while_loop(
-        lambda i, logits: i < num_routing - 1,
-        body,
-        loop_vars=(tf.constant(0), tf.zeros_like(votes[..., 0])),
-        # A static bound lets XLA compile the loop's gradient (its accumulators).
-        maximum_iterations=num_routing - 1,
-    )
-    return route_and_squash(logits)
+
+def _vector_jacobian(fn, x: tf.Tensor, upstream: tf.Tensor) -> tf.Tensor:
+    """upstream^T d fn(x) / dx, by autodiff of the (small, elementwise-sized) `fn`."""
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = fn(x)
+    return tape.gradient(y, x, output_gradients=upstream)
+
+
+def _route(votes: tf.Tensor, biases: tf.Tensor, num_routing: int, leaky: bool) -> tf.Tensor:
+    """`num_routing` (>= 2) iterations of routing, with their gradient written out.
+
+    Autodiff of the iterations would form, for each weighted sum and each
+    agreement, an outer product of the size of the votes and then add them up
+    (2 * num_routing - 1 tensors of the votes' size). Here the backward pass
+    runs the iterations in reverse, keeping the votes-sized work to one
+    contraction per sum or agreement and a single matrix product for the
+    votes' gradient:
+        d_votes = [c_1 .. c_n, G_2 .. G_n] x [ds_1 .. ds_n, v_1 .. v_n-1]
+    (c_r routes, ds_r gradients of the pre-activations s_r, v_r activations,
+    G_r the gradient of the logits of iteration r). The softmax's and squash's
+    own gradients, on small tensors, come from autodiff. Equal to autodiff of
+    the plain loop to float32 round-off (tests/test_ops.py, test_fast_paths.py).
+    """
+
+    @tf.custom_gradient
+    def route(votes, biases):
+        logits = [tf.zeros_like(votes[..., 0])]  # [..., output_dim, input_dim]
+        routes, preactivations, activations = [], [], []
+        for iteration in range(num_routing):
+            route = _routing_softmax(logits[-1], leaky)
+            preactivation = tf.squeeze(tf.matmul(route[..., None, :], votes), axis=-2) + biases
+            activation = squash(preactivation, axis=-1)
+            routes.append(route)
+            preactivations.append(preactivation)
+            activations.append(activation)
+            # The last iteration's logit update would never be read.
+            if iteration < num_routing - 1:
+                # Agreement <u_hat_j|i, v_j> of every input capsule i with output capsule j.
+                agreement = tf.squeeze(tf.matmul(votes, activation[..., None]), axis=-1)
+                logits.append(logits[-1] + agreement)
+
+        def grad(d_activation):
+            lefts, rights = [], []  # d_votes = sum over terms of left (x) right
+            d_logits = tf.zeros_like(logits[0])
+            d_preactivations = []
+            for iteration in reversed(range(num_routing)):
+                d_pre = _vector_jacobian(squash, preactivations[iteration], d_activation)
+                d_preactivations.append(d_pre)
+                lefts.append(routes[iteration])
+                rights.append(d_pre)
+                d_route = tf.squeeze(tf.matmul(votes, d_pre[..., None]), axis=-1)
+                d_logits += _vector_jacobian(
+                    lambda x: _routing_softmax(x, leaky), logits[iteration], d_route
+                )
+                if iteration > 0:
+                    # logits[iteration] = logits[iteration - 1] + <votes, v_(iteration - 1)>
+                    lefts.append(d_logits)
+                    rights.append(activations[iteration - 1])
+                    d_activation = tf.squeeze(tf.matmul(d_logits[..., None, :], votes), axis=-2)
+            d_votes = tf.matmul(tf.stack(lefts, axis=-1), tf.stack(rights, axis=-2))
+            d_biases = tf.add_n(d_preactivations)
+            d_biases = tf.reduce_sum(d_biases, axis=list(range(d_biases.shape.rank - 2)))
+            return d_votes, tf.reshape(d_biases, tf.shape(biases))
+
+        return activations[-1], grad
+
+    return route(votes, biases)
 
 
 def margin_loss(

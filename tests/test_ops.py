@@ -94,12 +94,43 @@ def test_one_iteration_routes_uniformly():
                                    rtol=RTOL, atol=1e-7)
 
 
-def test_update_routing_is_differentiable_through_the_loop():
-    votes = tf.Variable(_random((2, 3, 6, 4), 9))
-    with tf.GradientTape() as tape:
-        out = tf.reduce_sum(ops.update_routing(votes, tf.zeros([3, 4]), 3) ** 2)
-    gradient = tape.gradient(out, votes).numpy()
-    assert np.all(np.isfinite(gradient)) and np.any(gradient != 0)
+def _plain_routing(votes, biases, num_routing, leaky):
+    """Procedure 1 written plainly in TensorFlow, differentiated by autodiff.
+
+    votes `[batch, (spatial...), out, in, atoms]`; softmax by tf.nn.softmax over `out`.
+    """
+    logits = tf.zeros_like(votes[..., 0])
+    for iteration in range(num_routing):
+        if leaky:
+            padded = tf.concat([tf.zeros_like(logits[..., :1, :]), logits], axis=-2)
+            route = tf.nn.softmax(padded, axis=-2)[..., 1:, :]
+        else:
+            route = tf.nn.softmax(logits, axis=-2)
+        preactivation = tf.reduce_sum(route[..., None] * votes, axis=-2) + biases
+        norm = tf.norm(preactivation, axis=-1, keepdims=True)
+        activation = preactivation * norm / (1 + norm**2)
+        if iteration < num_routing - 1:
+            logits += tf.reduce_sum(votes * activation[..., None, :], axis=-1)
+    return activation
+
+
+@pytest.mark.parametrize("shape,num_routing,leaky", [
+    ((4, 10, 12, 16), 3, False), ((4, 10, 12, 16), 3, True), ((3, 5, 7, 8), 2, False),
+    ((3, 5, 7, 8), 5, True), ((2, 3, 3, 4, 6, 8), 3, True), ((2, 2, 3, 4, 6, 8), 4, False),
+])
+def test_update_routing_gradient_equals_autodiff_of_the_plain_loop(shape, num_routing, leaky):
+    votes = tf.constant(_random(shape, 9))
+    biases = tf.constant(_random(shape[-3:-2] + shape[-1:], 10) * 0.1)
+    weights = tf.constant(_random(shape[:-2] + shape[-1:], 11))  # one upstream value each
+    gradients = []
+    for routing in (ops.update_routing, _plain_routing):
+        with tf.GradientTape() as tape:
+            tape.watch([votes, biases])
+            out = tf.reduce_sum(routing(votes, biases, num_routing, leaky) * weights)
+        gradients.append(tape.gradient(out, [votes, biases]))
+    for ours, plain in zip(*gradients, strict=True):
+        assert ours.shape == plain.shape
+        np.testing.assert_allclose(ours.numpy(), plain.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_update_routing_compiles_with_xla():
