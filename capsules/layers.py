@@ -169,6 +169,8 @@ class ConvCapsule(_RoutedCapsule):
     each input capsule into votes for every output capsule type at every output
     position; routing (per position) combines them:
         v_j(x, y) = squash(sum_i c_ij(x, y) conv(u_i, W_j)(x, y) + b_j).
+    The convolution is `conv.patch_conv2d`: `tf.nn.conv2d`'s values, computed as
+    gathered patches x kernel (faster to train on CPU, more memory; see capsules/conv.py).
 
     Args:
       num_capsules: output capsule types.
