@@ -112,8 +112,8 @@ def _route(votes: tf.Tensor, biases: tf.Tensor, num_routing: int, leaky: bool) -
     agreement, an outer product of the size of the votes and then add them up
     (2 * num_routing - 1 tensors of the votes' size). Here the backward pass
     runs the iterations in reverse, keeping the votes-sized work to one
-    contraction per sum or agreement and a single matrix product for the
-    votes' gradient:
+    contraction per sum or agreement (none for the first iteration's constant
+    logits) and a single matrix product for the votes' gradient:
         d_votes = [c_1 .. c_n, G_2 .. G_n] x [ds_1 .. ds_n, v_1 .. v_n-1]
     (c_r routes, ds_r gradients of the pre-activations s_r, v_r activations,
     G_r the gradient of the logits of iteration r). The softmax's and squash's
@@ -122,7 +122,7 @@ def _route(votes: tf.Tensor, biases: tf.Tensor, num_routing: int, leaky: bool) -
     """
 
     @tf.custom_gradient
-    def route(votes, biases):
+    def iterate(votes, biases):
         logits = [tf.zeros_like(votes[..., 0])]  # [..., output_dim, input_dim]
         routes, preactivations, activations = [], [], []
         for iteration in range(num_routing):
@@ -147,11 +147,11 @@ def _route(votes: tf.Tensor, biases: tf.Tensor, num_routing: int, leaky: bool) -
                 d_preactivations.append(d_pre)
                 lefts.append(routes[iteration])
                 rights.append(d_pre)
-                d_route = tf.squeeze(tf.matmul(votes, d_pre[..., None]), axis=-1)
-                d_logits += _vector_jacobian(
-                    lambda x: _routing_softmax(x, leaky), logits[iteration], d_route
-                )
-                if iteration > 0:
+                if iteration > 0:  # the first iteration's logits are constant zeros
+                    d_route = tf.squeeze(tf.matmul(votes, d_pre[..., None]), axis=-1)
+                    d_logits += _vector_jacobian(
+                        lambda x: _routing_softmax(x, leaky), logits[iteration], d_route
+                    )
                     # logits[iteration] = logits[iteration - 1] + <votes, v_(iteration - 1)>
                     lefts.append(d_logits)
                     rights.append(activations[iteration - 1])
@@ -163,7 +163,7 @@ def _route(votes: tf.Tensor, biases: tf.Tensor, num_routing: int, leaky: bool) -
 
         return activations[-1], grad
 
-    return route(votes, biases)
+    return iterate(votes, biases)
 
 
 def margin_loss(
