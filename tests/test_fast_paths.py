@@ -6,6 +6,7 @@ network with the reference's votes (tile + multiply + reduce_sum) and routing
 both compute the same function: checked here on the same weights.
 """
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -79,3 +80,16 @@ def test_flops_counted_from_the_layer_shapes():
         "routing": 2 * 1152 * 160 * 5,
         "decoder": 2 * (160 * 512 + 512 * 1024 + 1024 * 784),
     }
+
+
+def test_capsule_ops_benchmark_runs_and_its_pairs_agree():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "capsule_ops.py"
+    result = subprocess.run([sys.executable, str(script), "--batch_sizes=3", "--repeats=1"],
+                            capture_output=True, text=True, timeout=300, check=True)
+    rows = [line.split() for line in result.stdout.splitlines()
+            if line.startswith(("conv", "routing"))]
+    assert len(rows) == 5
+    for row in rows:
+        package_ms, plain_ms, max_rel_diff = float(row[-4]), float(row[-3]), float(row[-1])
+        assert package_ms > 0 and plain_ms > 0
+        assert max_rel_diff < 1e-4, row

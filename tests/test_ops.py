@@ -1,11 +1,18 @@
 """capsules.ops against the NumPy statement of the reference's equations."""
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from capsules import ops
 from tests import reference_numpy as ref
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.capsule_ops import plain_update_routing  # noqa: E402
 
 RTOL = 1e-5
 
@@ -94,26 +101,6 @@ def test_one_iteration_routes_uniformly():
                                    rtol=RTOL, atol=1e-7)
 
 
-def _plain_routing(votes, biases, num_routing, leaky):
-    """Procedure 1 written plainly in TensorFlow, differentiated by autodiff.
-
-    votes `[batch, (spatial...), out, in, atoms]`; softmax by tf.nn.softmax over `out`.
-    """
-    logits = tf.zeros_like(votes[..., 0])
-    for iteration in range(num_routing):
-        if leaky:
-            padded = tf.concat([tf.zeros_like(logits[..., :1, :]), logits], axis=-2)
-            route = tf.nn.softmax(padded, axis=-2)[..., 1:, :]
-        else:
-            route = tf.nn.softmax(logits, axis=-2)
-        preactivation = tf.reduce_sum(route[..., None] * votes, axis=-2) + biases
-        norm = tf.norm(preactivation, axis=-1, keepdims=True)
-        activation = preactivation * norm / (1 + norm**2)
-        if iteration < num_routing - 1:
-            logits += tf.reduce_sum(votes * activation[..., None, :], axis=-1)
-    return activation
-
-
 @pytest.mark.parametrize("shape,num_routing,leaky", [
     ((4, 10, 12, 16), 3, False), ((4, 10, 12, 16), 3, True), ((3, 5, 7, 8), 2, False),
     ((3, 5, 7, 8), 5, True), ((2, 3, 3, 4, 6, 8), 3, True), ((2, 2, 3, 4, 6, 8), 4, False),
@@ -123,7 +110,7 @@ def test_update_routing_gradient_equals_autodiff_of_the_plain_loop(shape, num_ro
     biases = tf.constant(_random(shape[-3:-2] + shape[-1:], 10) * 0.1)
     weights = tf.constant(_random(shape[:-2] + shape[-1:], 11))  # one upstream value each
     gradients = []
-    for routing in (ops.update_routing, _plain_routing):
+    for routing in (ops.update_routing, plain_update_routing):
         with tf.GradientTape() as tape:
             tape.watch([votes, biases])
             out = tf.reduce_sum(routing(votes, biases, num_routing, leaky) * weights)

@@ -1,0 +1,141 @@
+"""The MNIST CapsNet's two costliest operations, each against its plain TensorFlow form.
+
+  python benchmarks/capsule_ops.py                  # about 1 minute on an idle 2-core CPU
+  python benchmarks/capsule_ops.py --batch_sizes=128 --repeats=3
+
+- The primary capsules' convolution (conv1's 20x20x256 output, 9x9 kernel, stride 2, 256
+  channels out): `capsules.conv.patch_conv2d` against `tf.nn.conv2d`, forward only, forward
+  and the kernel's gradient, forward and both gradients (what training runs).
+- The class capsules' routing (1152 primary capsules of 8 atoms voting for 10 capsules of
+  16, 3 iterations), votes included: `capsules.ops.update_routing` (gradient written out)
+  against `plain_update_routing`, the same iterations differentiated by autodiff.
+
+Each is a tf.function, timed `--repeats` times after one untimed call; the best is kept.
+The last columns give the plain form's time over the package's (above 1: the package is
+faster) and the largest difference of the outputs and gradients relative to their scale.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from capsules import ops  # noqa: E402
+from capsules.conv import patch_conv2d  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def plain_update_routing(votes: tf.Tensor, biases: tf.Tensor, num_routing: int,
+                         leaky: bool = False) -> tf.Tensor:
+    """Procedure 1 of the paper in plain TensorFlow, to be differentiated by autodiff.
+
+    votes `[batch, (spatial...), output_dim, input_dim, atoms]` (the layout of
+    `ops.update_routing`), biases `[output_dim, atoms]`; softmax by `tf.nn.softmax`
+    over output_dim (leaky: with a zero logit in front, dropped), weighted sums and
+    agreements by multiply and reduce_sum, the norm by `tf.norm`.
+    """
+    logits = tf.zeros_like(votes[..., 0])
+    for iteration in range(num_routing):
+        if leaky:
+            padded = tf.concat([tf.zeros_like(logits[..., :1, :]), logits], axis=-2)
+            route = tf.nn.softmax(padded, axis=-2)[..., 1:, :]
+        else:
+            route = tf.nn.softmax(logits, axis=-2)
+        preactivation = tf.reduce_sum(route[..., None] * votes, axis=-2) + biases
+        norm = tf.norm(preactivation, axis=-1, keepdims=True)
+        activation = preactivation * norm / (1 + norm**2)
+        if iteration < num_routing - 1:
+            logits += tf.reduce_sum(votes * activation[..., None, :], axis=-1)
+    return activation
+
+
+def _best_seconds(fn, repeats: int) -> float:
+    tf.nest.map_structure(lambda t: t.numpy(), fn())
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        tf.nest.map_structure(lambda t: t.numpy(), fn())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _relative_difference(ours, plain) -> float:
+    return max(float(tf.reduce_max(tf.abs(a - b)) / (tf.reduce_max(tf.abs(b)) + 1e-30))
+               for a, b in zip(ours, plain, strict=True))
+
+
+def _timed(fn, sources, upstream):
+    """tf.function of fn()'s output and, for each of `sources`' prefixes, its gradients."""
+    def run():
+        with tf.GradientTape() as tape:
+            tape.watch(sources)
+            output = fn()
+            loss = tf.reduce_sum(output * upstream)
+        return [output, *tape.gradient(loss, sources)] if sources else [output]
+    return tf.function(run)
+
+
+def convolution_cases(batch_size: int, rng: np.random.Generator):
+    """(name, package fn, plain fn) of the primary capsules' convolution."""
+    inputs = tf.constant(rng.random((batch_size, 20, 20, 256), dtype=np.float32))
+    kernel = tf.constant(rng.normal(0, 0.01, (9, 9, 256, 256)).astype(np.float32))
+    upstream = tf.constant(rng.normal(size=(batch_size, 6, 6, 256)).astype(np.float32))
+    for name, sources in (("conv forward", []), ("conv + kernel grad", [kernel]),
+                          ("conv + both grads", [kernel, inputs])):
+        yield name, *(
+            _timed(lambda conv=conv: conv(inputs, kernel, 2, "VALID"), sources, upstream)
+            for conv in (patch_conv2d, tf.nn.conv2d)
+        )
+
+
+def routing_cases(batch_size: int, rng: np.random.Generator):
+    """(name, package fn, plain fn) of the class capsules: votes, then 3 routing iterations."""
+    inputs = tf.constant(rng.normal(0, 0.3, (batch_size, 1152, 8)).astype(np.float32))
+    kernel = tf.constant(rng.normal(0, 0.1, (1152, 8, 160)).astype(np.float32))
+    biases = tf.constant(np.full((10, 16), 0.1, np.float32))
+    upstream = tf.constant(rng.normal(size=(batch_size, 10, 16)).astype(np.float32))
+
+    def votes():  # as capsules.layers.Capsule: [batch, 10, 1152, 16]
+        flat = tf.matmul(tf.transpose(inputs, [1, 0, 2]), kernel)
+        return tf.transpose(tf.reshape(flat, [1152, -1, 10, 16]), [1, 2, 0, 3])
+
+    for name, sources in (("routing forward", []),
+                          ("routing + grads", [inputs, kernel, biases])):
+        yield name, *(
+            _timed(lambda routing=routing: routing(votes(), biases, 3), sources, upstream)
+            for routing in (ops.update_routing, plain_update_routing)
+        )
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPUs, load average at start "
+          f"{os.getloadavg()[0]:.2f}")
+    header = (f"{'operation':<20}{'batch':>6}{'package_ms':>12}{'plain_ms':>10}"
+              f"{'plain/package':>15}{'max_rel_diff':>14}")
+    print(header)
+    print("-" * len(header))
+    rng = np.random.default_rng(0)
+    for batch_size in (int(b) for b in FLAGS.batch_sizes):
+        for cases in (convolution_cases, routing_cases):
+            for name, package, plain in cases(batch_size, rng):
+                difference = _relative_difference(package(), plain())
+                package_s = _best_seconds(package, FLAGS.repeats)
+                plain_s = _best_seconds(plain, FLAGS.repeats)
+                print(f"{name:<20}{batch_size:>6}{package_s * 1e3:>12.1f}{plain_s * 1e3:>10.1f}"
+                      f"{plain_s / package_s:>15.2f}{difference:>14.1e}", flush=True)
+
+
+if __name__ == "__main__":
+    flags.DEFINE_list("batch_sizes", ["128", "32"], "Batch sizes.")
+    flags.DEFINE_integer("repeats", 5, "Timed calls of each function (best kept).")
+    app.run(main)
