@@ -31,12 +31,19 @@ def is_tf1_checkpoint(path: str) -> bool:
     return not any(name == "_CHECKPOINTABLE_OBJECT_GRAPH" for name in names)
 
 
+def has_optimizer_state(path: str) -> bool:
+    """True for a checkpoint of this package that holds the optimizer's variables."""
+    return any(name.startswith("model/optimizer/") for name, _ in tf.train.list_variables(path))
+
+
 def restore_weights(model: keras.Model, path: str) -> None:
     """Assigns the weights of checkpoint `path` to the built `model`.
 
     Accepts this package's checkpoints (tf.train.Checkpoint of the model, with
     or without optimizer state) and the reference's TF1 checkpoints, recognised
-    by their variable names (`capsules.tf1_checkpoint`).
+    by their variable names (`capsules.tf1_checkpoint`). A compiled model takes
+    the optimizer state too where the checkpoint has it; from a weights-only
+    checkpoint (as the shipped one) it takes the weights, its optimizer untouched.
     """
     require_checkpoint(path)
     if is_tf1_checkpoint(path):
@@ -44,10 +51,22 @@ def restore_weights(model: keras.Model, path: str) -> None:
 
         tf1_checkpoint.restore(model, path)
         return
-    status = tf.train.Checkpoint(model=model).restore(path)
+    if getattr(model, "optimizer", None) is not None and not has_optimizer_state(path):
+        # The compiled model's optimizer variables would be unmatched: restore into an
+        # uncompiled twin, checked the same way, and copy its weights.
+        twin = model.__class__.from_config(model.get_config())
+        _restore_checked(twin, path)
+        model.set_weights(twin.get_weights())
+        return
+    _restore_checked(model, path)
+
+
+def _restore_checked(model: keras.Model, path: str) -> None:
+    """tf.train.Checkpoint restore of `model`; ValueError unless all its objects matched."""
     try:
+        status = tf.train.Checkpoint(model=model).restore(path)
         status.assert_existing_objects_matched()
-    except AssertionError as error:
+    except (AssertionError, ValueError) as error:  # unmatched objects; a shape mismatch
         raise ValueError(
             f"checkpoint {path} does not fit this model ({model.__class__.__name__}, "
             f"{model.hparams}): {str(error).splitlines()[0]}"

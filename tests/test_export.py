@@ -1,6 +1,7 @@
 """capsules.export: a weights-only copy of a training checkpoint."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from capsules import CapsNet, checkpoints, default_hparams, training
@@ -31,3 +32,18 @@ def test_export_keeps_weights_and_drops_optimizer_state(tmp_path):
     np.testing.assert_array_equal(restored(images).numpy(), model(images).numpy())
     np.testing.assert_array_equal(restored.reconstruct(images, [1, 2]).numpy(),
                                   model.reconstruct(images, [1, 2]).numpy())
+
+    # A compiled (and trained-on) model takes the weights-only checkpoint's weights; its
+    # optimizer, which the checkpoint does not hold, keeps its state.
+    compiled = CapsNet(checkpoints.saved_hparams(prefix))
+    compiled.compile()
+    compiled.optimizer.build(compiled.trainable_variables)
+    compiled.optimizer.iterations.assign(3)
+    assert not np.array_equal(compiled(images).numpy(), model(images).numpy())
+    checkpoints.restore_weights(compiled, prefix)
+    np.testing.assert_array_equal(compiled(images).numpy(), model(images).numpy())
+    assert int(compiled.optimizer.iterations) == 3
+    mismatched = CapsNet(default_hparams().replace(num_prime_capsules=4, routing=1))
+    mismatched.compile()
+    with pytest.raises(ValueError, match="does not fit this model"):
+        checkpoints.restore_weights(mismatched, prefix)
