@@ -31,7 +31,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_steps", 1000, "Number of steps to train.", lower_bound=0)
     flags.DEFINE_enum("model", "capsule", ["capsule", "baseline"], "The model to use.")
     flags.DEFINE_enum("dataset", "mnist", ["mnist", "norb", "cifar10"], "The dataset to use.")
-    flags.DEFINE_integer("num_gpus", 1, "Number of GPUs to use.", lower_bound=0)
+    flags.DEFINE_integer("num_gpus", 1, "Number of GPUs to train on (testing uses one device).",
+                         lower_bound=0)
     flags.DEFINE_integer("num_targets", 1, "Number of targets to detect (1 or 2).",
                          lower_bound=1, upper_bound=2)
     flags.DEFINE_integer("num_trials", 1, "Number of trials for ensemble evaluation.",
