@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from capsules import ops  # noqa: E402
+from capsules import layers  # noqa: E402
 from capsules.conv import patch_conv2d  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -74,7 +74,7 @@ def _relative_difference(ours, plain) -> float:
 
 
 def _timed(fn, sources, upstream):
-    """tf.function of fn()'s output and, for each of `sources`' prefixes, its gradients."""
+    """tf.function returning fn()'s output and the gradients of <output, upstream> to `sources`."""
     def run():
         with tf.GradientTape() as tape:
             tape.watch(sources)
@@ -100,20 +100,14 @@ def convolution_cases(batch_size: int, rng: np.random.Generator):
 def routing_cases(batch_size: int, rng: np.random.Generator):
     """(name, package fn, plain fn) of the class capsules: votes, then 3 routing iterations."""
     inputs = tf.constant(rng.normal(0, 0.3, (batch_size, 1152, 8)).astype(np.float32))
-    kernel = tf.constant(rng.normal(0, 0.1, (1152, 8, 160)).astype(np.float32))
-    biases = tf.constant(np.full((10, 16), 0.1, np.float32))
+    capsule = layers.Capsule(10, 16, num_routing=3)
+    capsule.build(inputs.shape)
     upstream = tf.constant(rng.normal(size=(batch_size, 10, 16)).astype(np.float32))
-
-    def votes():  # as capsules.layers.Capsule: [batch, 10, 1152, 16]
-        flat = tf.matmul(tf.transpose(inputs, [1, 0, 2]), kernel)
-        return tf.transpose(tf.reshape(flat, [1152, -1, 10, 16]), [1, 2, 0, 3])
-
+    package = lambda: capsule(inputs)  # noqa: E731 - votes, then ops.update_routing
+    plain = lambda: plain_update_routing(capsule._votes(inputs), capsule.bias, 3)  # noqa: E731
     for name, sources in (("routing forward", []),
-                          ("routing + grads", [inputs, kernel, biases])):
-        yield name, *(
-            _timed(lambda routing=routing: routing(votes(), biases, 3), sources, upstream)
-            for routing in (ops.update_routing, plain_update_routing)
-        )
+                          ("routing + grads", [inputs, capsule.kernel.value, capsule.bias.value])):
+        yield name, _timed(package, sources, upstream), _timed(plain, sources, upstream)
 
 
 def main(argv: list[str]) -> None:

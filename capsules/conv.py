@@ -30,9 +30,18 @@ import tensorflow as tf
 _PIECES = 4
 
 
+def conv_output_length(length: int | None, kernel_size: int, strides: int, padding: str):
+    """Output length of one spatial axis of a "VALID" or "SAME" convolution (None stays None)."""
+    if length is None:
+        return None
+    if padding == "SAME":
+        return -(-length // strides)
+    return (length - kernel_size) // strides + 1
+
+
 def _same_padding(length: int, kernel_size: int, strides: int) -> tuple[int, int]:
     """TensorFlow's "SAME" padding (before, after) of one spatial axis."""
-    out = -(-length // strides)
+    out = conv_output_length(length, kernel_size, strides, "SAME")
     total = max((out - 1) * strides + kernel_size - length, 0)
     return total // 2, total - total // 2
 
@@ -44,8 +53,9 @@ def patch_indices(height: int, width: int, kernel_size: int, strides: int) -> np
     patch of one output position is laid out like a `[kh, kw, channels]` slice
     of an HWIO kernel.
     """
-    out_height = (height - kernel_size) // strides + 1
-    out_width = (width - kernel_size) // strides + 1
+    out_height, out_width = (
+        conv_output_length(length, kernel_size, strides, "VALID") for length in (height, width)
+    )
     if out_height < 1 or out_width < 1:
         raise ValueError(
             f"kernel_size={kernel_size} does not fit the {height}x{width} input with "
@@ -83,10 +93,10 @@ def patch_conv2d(inputs: tf.Tensor, kernel: tf.Tensor, strides: int, padding: st
         height, width = height + sum(pad_rows), width + sum(pad_cols)
     elif padding != "VALID":
         raise ValueError(f"padding must be 'VALID' or 'SAME', got {padding!r}")
-    out_height = (height - kernel_size) // strides + 1
-    out_width = (width - kernel_size) // strides + 1
     indices = tf.constant(patch_indices(height, width, kernel_size, strides))
-
+    out_height, out_width = (
+        conv_output_length(length, kernel_size, strides, "VALID") for length in (height, width)
+    )
     patch_size = kernel_size * kernel_size * channels
     positions = out_height * out_width
 

@@ -13,7 +13,7 @@ import keras
 import tensorflow as tf
 
 from capsules import ops
-from capsules.conv import patch_conv2d
+from capsules.conv import conv_output_length, patch_conv2d
 
 _PACKAGE = "capsules"
 
@@ -256,7 +256,7 @@ class ConvCapsule(_RoutedCapsule):
     def _capsule_grid_shape(self, input_shape) -> tuple:
         """`[batch, out_height, out_width, num_capsules, atoms]` for a 5-D input shape."""
         out_height, out_width = (
-            _conv_output_length(length, self.kernel_size, self.strides, self.padding)
+            conv_output_length(length, self.kernel_size, self.strides, self.padding)
             for length in input_shape[1:3]
         )
         return (input_shape[0], out_height, out_width, self.num_capsules, self.atoms)
@@ -265,14 +265,6 @@ class ConvCapsule(_RoutedCapsule):
         config = super().get_config()
         config.update(kernel_size=self.kernel_size, strides=self.strides, padding=self.padding)
         return config
-
-
-def _conv_output_length(length: int | None, kernel_size: int, strides: int, padding: str):
-    if length is None:
-        return None
-    if padding == "SAME":
-        return -(-length // strides)
-    return (length - kernel_size) // strides + 1
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
