@@ -7,150 +7,176 @@ Examples:
   python experiment.py --data_dir=DIR --train=false --num_trials=7 --dataset=cifar10 \
       --checkpoint=DIR/cifar{}/model.ckpt-600000 \
       --hparams_override=num_prime_capsules=64,padding=SAME,leaky=true,remake=false
+
+The flags are read once into a `Config`; `run(config)` (or run_training, run_evaluation,
+run_ensemble) does the work, so that a program or a test can call it without a command
+line: `run(parse_config(["--data_dir=data/mnist", "--max_steps=10", ...]))`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import sys
 import time
+from collections.abc import Iterator, Sequence
 
 from absl import app, flags
+
+from capsules.errors import UsageError
 
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
+def define_flags(values: flags.FlagValues = FLAGS) -> None:
     """The reference's flags (same names, defaults and meanings) and a few additions."""
-    flags.DEFINE_string("data_dir", None, "The data directory (MultiMNIST: PREFIX@N).")
-    flags.DEFINE_integer("eval_size", 10000, "Size of the test dataset.", lower_bound=1)
-    flags.DEFINE_string(
-        "hparams_override", None,
-        "A string of form key=value,key=value to override the hparams of this experiment.",
-    )
-    flags.DEFINE_integer("max_steps", 1000, "Number of steps to train.", lower_bound=0)
-    flags.DEFINE_enum("model", "capsule", ["capsule", "baseline"], "The model to use.")
-    flags.DEFINE_enum("dataset", "mnist", ["mnist", "norb", "cifar10"], "The dataset to use.")
-    flags.DEFINE_integer("num_gpus", 1, "Number of GPUs to train on (testing uses one device).",
-                         lower_bound=0)
-    flags.DEFINE_integer("num_targets", 1, "Number of targets to detect (1 or 2).",
-                         lower_bound=1, upper_bound=2)
-    flags.DEFINE_integer("num_trials", 1, "Number of trials for ensemble evaluation.",
-                         lower_bound=1)
-    flags.DEFINE_integer("save_step", 1500, "How often to save checkpoints.", lower_bound=1)
-    flags.DEFINE_string("summary_dir", None, "Main directory for the experiments.")
-    flags.DEFINE_string(
-        "checkpoint", None,
-        "The model checkpoint for evaluation; with --num_trials > 1 a pattern with {} for "
-        "the trial number.",
-    )
-    flags.DEFINE_bool("train", True, "Either train the model or test the model.")
-    flags.DEFINE_bool("validate", False, "Run training/eval in validation mode.")
+    def string(name, default, help_text, **kwargs):
+        flags.DEFINE_string(name, default, help_text, flag_values=values, **kwargs)
+
+    def integer(name, default, help_text, **kwargs):
+        flags.DEFINE_integer(name, default, help_text, flag_values=values, **kwargs)
+
+    def boolean(name, default, help_text):
+        flags.DEFINE_bool(name, default, help_text, flag_values=values)
+
+    def enum(name, default, choices, help_text):
+        flags.DEFINE_enum(name, default, choices, help_text, flag_values=values)
+
+    string("data_dir", None, "The data directory (MultiMNIST: PREFIX@N).")
+    integer("eval_size", 10000, "Size of the test dataset.", lower_bound=1)
+    string("hparams_override", None,
+           "A string of form key=value,key=value to override the hparams of this experiment.")
+    integer("max_steps", 1000, "Number of steps to train.", lower_bound=0)
+    enum("model", "capsule", ["capsule", "baseline"], "The model to use.")
+    enum("dataset", "mnist", ["mnist", "norb", "cifar10"], "The dataset to use.")
+    integer("num_gpus", 1, "Number of GPUs to train on (testing uses one device).",
+            lower_bound=0)
+    integer("num_targets", 1, "Number of targets to detect (1 or 2).", lower_bound=1,
+            upper_bound=2)
+    integer("num_trials", 1, "Number of trials for ensemble evaluation.", lower_bound=1)
+    integer("save_step", 1500, "How often to save checkpoints.", lower_bound=1)
+    string("summary_dir", None, "Main directory for the experiments.")
+    string("checkpoint", None,
+           "The model checkpoint for evaluation; with --num_trials > 1 a pattern with {} for "
+           "the trial number.")
+    boolean("train", True, "Either train the model or test the model.")
+    boolean("validate", False, "Run training/eval in validation mode.")
     # Additions to the reference's flags.
-    flags.DEFINE_integer(
-        "random_shift", 0,
-        "MNIST training: shift the unshifted training records at random within +-N pixels "
-        "instead of reading the 1.3 GB 2-shifted file (0: read the reference's file).",
-        lower_bound=0,
-    )
-    flags.DEFINE_bool("distort", False, "MNIST: random 24x24 crops and rotations.")
-    flags.DEFINE_integer("batch_size", 128, "Training batch size (the reference's 128).",
-                         lower_bound=1)
-    flags.DEFINE_integer("seed", None, "Seed of the input shuffling and transforms.")
-    flags.DEFINE_integer("eval_interval_secs", 60,
-                         "Continuous evaluation: seconds between looks for a new checkpoint.",
-                         lower_bound=1)
-    flags.DEFINE_integer("eval_timeout_secs", 6 * 3600,
-                         "Continuous evaluation: stop after this long without a new checkpoint.",
-                         lower_bound=0)
-    flags.DEFINE_bool(
-        "mixed_bfloat16", False,
-        "Keras' 'mixed_bfloat16' policy: convolutions and votes in bfloat16, routing, "
-        "lengths, decoder and losses in float32, weights float32 (checkpoints unchanged). "
-        "About 1.75x faster training on a CPU with AVX512-BF16; see README 'Speed'.",
-    )
+    integer("random_shift", 0,
+            "MNIST training: shift the unshifted training records at random within +-N pixels "
+            "instead of reading the 1.3 GB 2-shifted file (0: read the reference's file).",
+            lower_bound=0)
+    boolean("distort", False, "MNIST: random 24x24 crops and rotations.")
+    integer("batch_size", 128, "Training batch size (the reference's 128).", lower_bound=1)
+    integer("seed", None, "Seed of the input shuffling and transforms.")
+    integer("eval_interval_secs", 60,
+            "Continuous evaluation: seconds between looks for a new checkpoint.", lower_bound=1)
+    integer("eval_timeout_secs", 6 * 3600,
+            "Continuous evaluation: stop after this long without a new checkpoint.",
+            lower_bound=0)
+    boolean("mixed_bfloat16", False,
+            "Keras' 'mixed_bfloat16' policy: convolutions and votes in bfloat16, routing, "
+            "lengths, decoder and losses in float32, weights float32 (checkpoints unchanged). "
+            "Faster training on a CPU with AVX512-BF16 (benchmarks/README.md).")
 
 
-class UsageError(ValueError):
-    """A flag or input the user must change; printed in one line, without traceback."""
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The flags of one run (their meanings: `define_flags`)."""
+
+    data_dir: str | None
+    eval_size: int
+    hparams_override: str | None
+    max_steps: int
+    model: str
+    dataset: str
+    num_gpus: int
+    num_targets: int
+    num_trials: int
+    save_step: int
+    summary_dir: str | None
+    checkpoint: str | None
+    train: bool
+    validate: bool
+    random_shift: int
+    distort: bool
+    batch_size: int
+    seed: int | None
+    eval_interval_secs: int
+    eval_timeout_secs: int
+    mixed_bfloat16: bool
+
+    @classmethod
+    def from_flags(cls, values: flags.FlagValues = FLAGS) -> Config:
+        """The config of parsed flag values."""
+        return cls(**{field.name: values[field.name].value for field in dataclasses.fields(cls)})
 
 
-def _hparams(checkpoint: str | None):
-    from capsules.checkpoints import checkpoint_hparams
-
-    try:
-        return checkpoint_hparams(checkpoint, FLAGS.hparams_override)
-    except ValueError as error:
-        raise UsageError(f"--hparams_override: {error}") from None
-
-
-def _strategy():
-    import tensorflow as tf
-
-    if FLAGS.num_gpus <= 1:
-        return tf.distribute.get_strategy()
-    gpus = tf.config.list_physical_devices("GPU")
-    if len(gpus) < FLAGS.num_gpus:
-        raise UsageError(f"--num_gpus={FLAGS.num_gpus}: this machine has {len(gpus)} GPU(s)")
-    return tf.distribute.MirroredStrategy([f"/gpu:{i}" for i in range(FLAGS.num_gpus)])
+def parse_config(argv: Sequence[str]) -> Config:
+    """The config of command-line arguments `argv` (without the program name), parsed and
+    checked as on the command line (absl's flags.Error for a bad flag), FLAGS untouched."""
+    values = flags.FlagValues()
+    define_flags(values)
+    values(["experiment.py", *argv])
+    return Config.from_flags(values)
 
 
-def _inputs(split: str, batch_size: int, repeat: bool = False):
+# ---- pieces shared by the runs ------------------------------------------------------------
+
+def _dataset_info(config: Config):
     import input_data
 
-    if not FLAGS.data_dir:
+    return input_data.dataset_info(config.dataset, config.num_targets, config.distort)
+
+
+def _inputs(config: Config, split: str, batch_size: int, repeat: bool = False):
+    import input_data
+
+    if not config.data_dir:
         raise UsageError("--data_dir is required (see README.md, 'Data')")
     return input_data.inputs(
-        FLAGS.dataset, split, FLAGS.data_dir, batch_size, num_targets=FLAGS.num_targets,
-        validate=FLAGS.validate, distort=FLAGS.distort,
-        random_shift=FLAGS.random_shift if split == "train" else 0, repeat=repeat,
-        seed=FLAGS.seed,
+        config.dataset, split, config.data_dir, batch_size, num_targets=config.num_targets,
+        validate=config.validate, distort=config.distort,
+        random_shift=config.random_shift if split == "train" else 0, repeat=repeat,
+        seed=config.seed,
     )
 
 
-def _model(hparams):
-    import input_data
-    from capsules.models import build_model
-
-    info = input_data.dataset_info(FLAGS.dataset, FLAGS.num_targets, FLAGS.distort)
-    return build_model(FLAGS.model, hparams, info)
-
-
-def run_training() -> None:
-    from capsules import training
-
-    if not FLAGS.summary_dir:
-        raise UsageError("--summary_dir is required for training")
-    hparams = _hparams(None)
-    strategy = _strategy()
-    with strategy.scope():
-        model = _model(hparams)
-        model.compile()
-    print(f"total_params: {model.count_params()}")
-    dataset = _inputs("train", FLAGS.batch_size, repeat=True)
-    config = {
-        name: FLAGS[name].value
-        for name in ("model", "dataset", "num_targets", "random_shift", "distort", "batch_size",
-                     "validate", "seed", "mixed_bfloat16")
-    }
-    training.train(
-        model, dataset, os.path.join(FLAGS.summary_dir, "train"), FLAGS.max_steps,
-        FLAGS.save_step, FLAGS.batch_size, strategy=strategy, extra_config=config,
-    )
-
-
-def _test_result(model, checkpoint: str):
-    from capsules import checkpoints, evaluation
-
-    checkpoints.restore_weights(model, checkpoint)
-    logits, labels = evaluation.collect_logits(model, _inputs("test", 100), FLAGS.eval_size)
-    return evaluation.score(logits, labels, FLAGS.num_targets)
-
-
-def _write_test_summary(result, step: int) -> None:
+def _strategy(config: Config):
     import tensorflow as tf
 
-    writer = tf.summary.create_file_writer(os.path.join(FLAGS.summary_dir, "test"))
+    if config.num_gpus <= 1:
+        return tf.distribute.get_strategy()
+    gpus = tf.config.list_physical_devices("GPU")
+    if len(gpus) < config.num_gpus:
+        raise UsageError(f"--num_gpus={config.num_gpus}: this machine has {len(gpus)} GPU(s)")
+    return tf.distribute.MirroredStrategy([f"/gpu:{i}" for i in range(config.num_gpus)])
+
+
+def _load_model(config: Config, checkpoint: str):
+    """The model of `checkpoint` (its run file; for a TF1 checkpoint --model and the data
+    flags), checked to take the images of --dataset, --num_targets and --distort."""
+    from capsules.checkpoints import load_model
+
+    info = _dataset_info(config)
+    model = load_model(checkpoint, config.hparams_override, model=config.model,
+                       dataset_info=info)
+    takes = (*model.image_shape, model.num_classes, model.num_targets)
+    given = (info.height, info.width, info.depth, info.num_classes, info.num_targets)
+    if takes != given:
+        raise UsageError(
+            f"checkpoint {checkpoint} takes {'x'.join(map(str, takes[:3]))} images of "
+            f"{takes[3]} classes, {takes[4]} target(s); --dataset={config.dataset} "
+            f"--num_targets={config.num_targets} --distort={str(config.distort).lower()} "
+            f"gives {'x'.join(map(str, given[:3]))}, {given[3]} classes, {given[4]} target(s)")
+    return model
+
+
+def _write_test_summary(summary_dir: str, result, step: int) -> None:
+    import tensorflow as tf
+
+    writer = tf.summary.create_file_writer(os.path.join(summary_dir, "test"))
     with writer.as_default():
         tf.summary.scalar("correct_prediction", result.total - result.wrong, step=step)
         tf.summary.scalar("wrong_prediction", result.wrong, step=step)
@@ -159,71 +185,129 @@ def _write_test_summary(result, step: int) -> None:
     writer.close()
 
 
-def run_evaluation() -> None:
-    """Evaluates --checkpoint once, or each new checkpoint of summary_dir/train."""
+def _test_result(config: Config, checkpoint: str):
+    from capsules import evaluation
+
+    model = _load_model(config, checkpoint)
+    logits, labels = evaluation.collect_logits(model, _inputs(config, "test", 100),
+                                               config.eval_size)
+    return evaluation.score(logits, labels, config.num_targets)
+
+
+# ---- the runs -------------------------------------------------------------------------------
+
+def run_training(config: Config) -> int:
+    """Trains --model on --dataset to --max_steps in summary_dir/train; returns the last step."""
+    from capsules import training
+    from capsules.hparams import default_hparams, parse_overrides
+    from capsules.models import build_model
+
+    if not config.summary_dir:
+        raise UsageError("--summary_dir is required for training")
+    hparams = parse_overrides(default_hparams(), config.hparams_override)
+    strategy = _strategy(config)
+    with strategy.scope():
+        model = build_model(config.model, hparams, _dataset_info(config))
+        model.compile()
+    print(f"total_params: {model.count_params()}")
+    dataset = _inputs(config, "train", config.batch_size, repeat=True)
+    return training.train(
+        model, dataset, os.path.join(config.summary_dir, "train"), config.max_steps,
+        config.save_step, config.batch_size, strategy=strategy,
+        run_flags=dataclasses.asdict(config),
+    )
+
+
+def run_evaluation(config: Config):
+    """Evaluates --checkpoint once, or each new checkpoint of summary_dir/train until
+    --eval_timeout_secs pass without one; prints and returns the (last) TestResult."""
     import tensorflow as tf
 
     from capsules import checkpoints
 
-    if FLAGS.checkpoint:
-        model = _model(_hparams(FLAGS.checkpoint))
-        result = _test_result(model, FLAGS.checkpoint)
-        print(result.report(FLAGS.num_targets))
-        if FLAGS.summary_dir:
-            _write_test_summary(result, checkpoints.checkpoint_step(FLAGS.checkpoint))
-        return
-    if not FLAGS.summary_dir:
+    if config.checkpoint:
+        result = _test_result(config, config.checkpoint)
+        print(result.report(config.num_targets))
+        if config.summary_dir:
+            _write_test_summary(config.summary_dir, result,
+                                checkpoints.checkpoint_step(config.checkpoint))
+        return result
+    if not config.summary_dir:
         raise UsageError("--train=false needs --checkpoint, or --summary_dir to watch")
-    train_dir = os.path.join(FLAGS.summary_dir, "train")
-    seen, last_new = None, time.monotonic()
-    while time.monotonic() - last_new <= FLAGS.eval_timeout_secs:
+    train_dir = os.path.join(config.summary_dir, "train")
+    seen, last_new, result = None, time.monotonic(), None
+    while time.monotonic() - last_new <= config.eval_timeout_secs:
         latest = tf.train.latest_checkpoint(train_dir)
         if latest is None or latest == seen:
-            time.sleep(FLAGS.eval_interval_secs)
+            time.sleep(config.eval_interval_secs)
             continue
         seen, last_new = latest, time.monotonic()
-        result = _test_result(_model(_hparams(latest)), latest)
-        print(f"{latest}:\n{result.report(FLAGS.num_targets)}", flush=True)
-        _write_test_summary(result, checkpoints.checkpoint_step(latest))
+        result = _test_result(config, latest)
+        print(f"{latest}:\n{result.report(config.num_targets)}", flush=True)
+        _write_test_summary(config.summary_dir, result, checkpoints.checkpoint_step(latest))
+    return result
 
 
-def run_ensemble() -> None:
-    """Sums the logits of --num_trials checkpoints (the reference's evaluate_ensemble)."""
+def run_ensemble(config: Config):
+    """Sums the logits of --num_trials checkpoints (the reference's evaluate_ensemble), each
+    its own model from its run file; prints and returns the TestResult."""
     from capsules import checkpoints, evaluation
 
-    if not FLAGS.checkpoint or "{}" not in FLAGS.checkpoint:
+    if not config.checkpoint or "{}" not in config.checkpoint:
         raise UsageError("--num_trials > 1 needs --checkpoint with {} for the trial number")
-    paths = [FLAGS.checkpoint.format(trial) for trial in range(FLAGS.num_trials)]
+    paths = [config.checkpoint.format(trial) for trial in range(config.num_trials)]
     for path in paths:
         checkpoints.require_checkpoint(path)
-    model = _model(_hparams(None))
-    dataset = _inputs("test", 100).cache()
+    dataset = _inputs(config, "test", 100).cache()
     per_trial, labels = [], None
     for path in paths:
-        checkpoints.restore_weights(model, path)
-        logits, labels = evaluation.collect_logits(model, dataset, FLAGS.eval_size)
+        model = _load_model(config, path)
+        logits, labels = evaluation.collect_logits(model, dataset, config.eval_size)
         per_trial.append(logits)
-    result = evaluation.score(evaluation.ensemble_logits(per_trial), labels, FLAGS.num_targets)
-    print(result.report(FLAGS.num_targets))
+    result = evaluation.score(evaluation.ensemble_logits(per_trial), labels, config.num_targets)
+    print(result.report(config.num_targets))
+    return result
 
 
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+@contextlib.contextmanager
+def _precision(mixed_bfloat16: bool) -> Iterator[None]:
+    """Keras' global dtype policy for the run (every model built in it takes it), restored
+    afterwards."""
     import keras
 
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16" if mixed_bfloat16 else "float32")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def run(config: Config):
+    """Trains (--train), evaluates an ensemble (--num_trials > 1) or evaluates; returns what
+    the run function returns."""
+    from capsules.hparams import default_hparams, parse_overrides
+
+    try:  # checked before any work, in every mode
+        parse_overrides(default_hparams(), config.hparams_override)
+    except ValueError as error:
+        raise UsageError(f"--hparams_override: {error}") from None
+    with _precision(config.mixed_bfloat16):
+        if config.train:
+            return run_training(config)
+        if config.num_trials > 1:
+            return run_ensemble(config)
+        return run_evaluation(config)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from capsules.training import NonFiniteLossError
 
-    # Once for the run: every model built from here on takes this policy.
-    keras.mixed_precision.set_global_policy("mixed_bfloat16" if FLAGS.mixed_bfloat16 else "float32")
     try:
-        if FLAGS.train:
-            run_training()
-        elif FLAGS.num_trials > 1:
-            run_ensemble()
-        else:
-            run_evaluation()
-    except (UsageError, ValueError, FileNotFoundError, NonFiniteLossError) as error:
+        run(Config.from_flags(FLAGS))
+    except (UsageError, NonFiniteLossError) as error:  # the project's own; others trace back
         print(f"experiment.py: error: {error}", file=sys.stderr)
         sys.exit(1)
 

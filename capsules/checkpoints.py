@@ -1,22 +1,156 @@
-"""Restoring model weights from this package's checkpoints or the reference's TF1 ones."""
+"""The model of a checkpoint: the run file beside it, `load_model`, `restore_weights`.
+
+Training writes the run file (RUN_FILE) next to its checkpoints: the model's name in
+`capsules.models.MODELS`, its constructor config (input shape, classes, targets), the
+hyper-parameters and the run's flags. From it `load_model` rebuilds the model of a
+checkpoint and restores its weights, from the checkpoint's path alone; the reference's TF1
+checkpoints (no run file) need the model and the data set's shape as arguments.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from typing import Any
 
 import keras
 import tensorflow as tf
 
+from capsules import models
+from capsules.errors import MissingFileError, UsageError
 from capsules.hparams import HParams, default_hparams, parse_overrides
 
-HPARAMS_FILE = "hparams.json"
+RUN_FILE = "hparams.json"
+"""The run file's name (hparams.json: older run files held the hparams and flags only)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFile:
+    """What training wrote next to its checkpoints.
+
+    Attributes:
+      model: the model's name in `capsules.models.MODELS` ('capsule', 'baseline', ...).
+      config: the model's `get_config()` without the hparams (input_shape, num_classes,
+        num_targets, name); None in an older run file.
+      hparams: the run's hyper-parameters.
+      flags: the run's flags (dataset, batch_size, seed, ...).
+    """
+
+    model: str | None
+    config: dict[str, Any] | None
+    hparams: HParams
+    flags: dict[str, Any]
+
+
+def write_json_atomically(path: str, content: dict) -> None:
+    """Writes `content` to `path` through a temporary file and a rename."""
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "w") as handle:
+        json.dump(content, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.replace(temporary, path)
+
+
+def model_name(model: keras.Model) -> str:
+    """The name of `model`'s class in `capsules.models.MODELS`; ValueError if it has none."""
+    for name, cls in models.MODELS.items():
+        if type(model) is cls:
+            return name
+    raise ValueError(f"{type(model).__name__} is not in capsules.models.MODELS "
+                     f"({', '.join(models.MODELS)}): register it there to write its run file")
+
+
+def write_run_file(directory: str, model: keras.Model, flags: dict[str, Any] | None = None
+                   ) -> str:
+    """Writes directory/RUN_FILE for checkpoints of `model` (atomically); returns its path."""
+    config = model.get_config()
+    hparams = config.pop("hparams")
+    path = os.path.join(directory, RUN_FILE)
+    write_json_atomically(path, {"model": model_name(model), "config": config,
+                                 "hparams": hparams, "flags": dict(flags or {})})
+    return path
+
+
+def read_run_file(checkpoint_path: str) -> RunFile | None:
+    """The run file next to `checkpoint_path`, or None where there is none (TF1 checkpoints).
+
+    Older run files ({"hparams": ..., FLAG: value, ...}) give config None and their flags.
+    """
+    path = os.path.join(os.path.dirname(checkpoint_path), RUN_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as handle:
+        content = json.load(handle)
+    try:
+        hparams = HParams(**content["hparams"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise UsageError(f"{path}: no valid hparams ({error})") from None
+    if "config" in content:
+        return RunFile(content.get("model"), content["config"], hparams, content.get("flags", {}))
+    flags = {key: value for key, value in content.items() if key != "hparams"}
+    return RunFile(flags.get("model"), None, hparams, flags)
+
+
+def load_model(checkpoint_path: str, hparams_override: str | None = None, *,
+               model: str | None = None, dataset_info: Any = None) -> keras.Model:
+    """The model of `checkpoint_path`, built, with the checkpoint's weights restored.
+
+    The model's class, constructor config and hyper-parameters come from the run file next
+    to the checkpoint, the hyper-parameters then changed by `hparams_override`
+    ("key=value,...", the reference's --hparams_override): the path alone suffices for any
+    checkpoint this package wrote. `model` and `dataset_info` are used only where the run
+    file lacks them: a reference TF1 checkpoint (no run file; the reference's default
+    hparams) needs both, an older run file (hparams and flags only) `dataset_info`.
+
+    Args:
+      checkpoint_path: a checkpoint prefix, e.g. `runs/mnist/train/model.ckpt-3000`.
+      hparams_override: "key=value,..." applied to the hyper-parameters.
+      model: a name in `capsules.models.MODELS` ('capsule', 'baseline', ...).
+      dataset_info: the images' shape and targets: anything with height, width, depth,
+        num_classes and num_targets, e.g. `input_data.dataset_info("mnist")`.
+
+    Raises:
+      MissingFileError: no checkpoint at `checkpoint_path`.
+      UsageError: a bad override, an argument the checkpoint needs and was not given (named),
+        or a checkpoint that does not fit its model.
+
+    Example:
+      >>> model = load_model("checkpoints/mnist/model.ckpt-8000")
+      >>> lengths = model(images)  # [batch, 10]
+    """
+    require_checkpoint(checkpoint_path)
+    run = read_run_file(checkpoint_path)
+    name = run.model if run and run.model else model
+    config = run.config if run else None
+    if config is None and dataset_info is not None:
+        config = {"input_shape": [dataset_info.height, dataset_info.width, dataset_info.depth],
+                  "num_classes": dataset_info.num_classes,
+                  "num_targets": dataset_info.num_targets}
+    missing = [what for what, value in (("model", name), ("dataset_info", config))
+               if value is None]
+    if missing:
+        why = (f"its run file {RUN_FILE} predates the model config" if run else
+               f"it has no run file {RUN_FILE} (a reference TF1 checkpoint?)")
+        raise UsageError(f"checkpoint {checkpoint_path}: {why}; give the "
+                         f"{' and the '.join(missing)} (e.g. model='capsule', "
+                         "dataset_info=input_data.dataset_info('mnist'))")
+    if name not in models.MODELS:
+        raise UsageError(f"checkpoint {checkpoint_path}: unknown model {name!r}; expected one "
+                         f"of: {', '.join(models.MODELS)}")
+    try:
+        hparams = parse_overrides(run.hparams if run else default_hparams(), hparams_override)
+    except ValueError as error:
+        raise UsageError(f"hparams_override: {error}") from None
+    built = models.MODELS[name].from_config({**config, "hparams": hparams.to_dict()})
+    restore_weights(built, checkpoint_path)
+    return built
 
 
 def require_checkpoint(path: str) -> None:
-    """Raises FileNotFoundError naming `path` unless it is a checkpoint prefix."""
+    """Raises MissingFileError naming `path` unless it is a checkpoint prefix."""
     if not tf.io.gfile.exists(path + ".index"):
-        raise FileNotFoundError(f"checkpoint {path} not found (no file {path}.index)")
+        raise MissingFileError(f"checkpoint {path} not found (no file {path}.index)")
 
 
 def checkpoint_step(path: str) -> int:
@@ -62,33 +196,13 @@ def restore_weights(model: keras.Model, path: str) -> None:
 
 
 def _restore_checked(model: keras.Model, path: str) -> None:
-    """tf.train.Checkpoint restore of `model`; ValueError unless all its objects matched."""
+    """tf.train.Checkpoint restore of `model`; UsageError unless all its objects matched."""
     try:
         status = tf.train.Checkpoint(model=model).restore(path)
         status.assert_existing_objects_matched()
     except (AssertionError, ValueError) as error:  # unmatched objects; a shape mismatch
-        raise ValueError(
+        raise UsageError(
             f"checkpoint {path} does not fit this model ({model.__class__.__name__}, "
             f"{model.hparams}): {str(error).splitlines()[0]}"
         ) from None
     status.expect_partial()
-
-
-def saved_hparams(checkpoint_path: str) -> HParams | None:
-    """The hyper-parameters saved next to a checkpoint by experiment.py, if any."""
-    path = os.path.join(os.path.dirname(checkpoint_path), HPARAMS_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as handle:
-        return HParams(**json.load(handle)["hparams"])
-
-
-def checkpoint_hparams(checkpoint: str | None, overrides: str | None = None) -> HParams:
-    """Hyper-parameters for a model to restore `checkpoint` into.
-
-    Those saved next to the checkpoint (hparams.json), else the reference's
-    defaults (e.g. for a TF1 checkpoint), then the "key=value,..." `overrides`.
-    Raises ValueError for a bad override.
-    """
-    saved = saved_hparams(checkpoint) if checkpoint else None
-    return parse_overrides(saved or default_hparams(), overrides)

@@ -8,6 +8,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from capsules import features as keys
+from capsules.errors import UsageError
+
 
 @dataclasses.dataclass(frozen=True)
 class TestResult:
@@ -56,12 +59,12 @@ def collect_logits(
     for features in dataset:
         if seen >= eval_size:
             break
-        take = min(eval_size - seen, int(features["images"].shape[0]))
-        logits.append(predict(features["images"]).numpy()[:take])
-        labels.append(features["labels"].numpy()[:take])
+        take = min(eval_size - seen, int(features[keys.IMAGES].shape[0]))
+        logits.append(predict(features[keys.IMAGES]).numpy()[:take])
+        labels.append(features[keys.LABELS].numpy()[:take])
         seen += take
     if not logits:
-        raise ValueError("the evaluation data set is empty")
+        raise UsageError("the evaluation data set is empty")
     return np.concatenate(logits), np.concatenate(labels)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from capsules import features as keys
 from capsules import layers, losses
 from capsules.hparams import HParams, default_hparams
 from capsules.optimizers import reference_optimizer
@@ -77,7 +78,7 @@ class _ReferenceModel(keras.Model):
 
     # -- Keras ----------------------------------------------------------------------
     def call(self, inputs, training=None):
-        images = inputs["images"] if isinstance(inputs, dict) else inputs
+        images = inputs[keys.IMAGES] if isinstance(inputs, dict) else inputs
         logits, _ = self._forward(images, training=training)
         return logits
 
@@ -154,7 +155,7 @@ class _ReferenceModel(keras.Model):
     def _update_metrics(self, data, scalars):
         # Weighted by batch size: epoch figures are means over examples, also
         # when the last batch is smaller.
-        images = data["images"] if isinstance(data, dict) else tf.nest.flatten(data[0])[0]
+        images = data[keys.IMAGES] if isinstance(data, dict) else tf.nest.flatten(data[0])[0]
         batch_size = tf.cast(tf.shape(images)[0], tf.float32)
         for metric in self.metrics:
             metric.update_state(scalars[metric.name], sample_weight=batch_size)
@@ -168,10 +169,10 @@ class _ReferenceModel(keras.Model):
         targets are the labelled classes, each reconstructing the input image.
         """
         if isinstance(data, dict):
-            images, labels = data["images"], self._k_hot(data["labels"])
-            targets = [(data["recons_label"], data["recons_image"])]
+            images, labels = data[keys.IMAGES], self._k_hot(data[keys.LABELS])
+            targets = [(data[keys.RECONS_LABEL], data[keys.RECONS_IMAGE])]
             if self.num_targets == 2:
-                targets.append((data["spare_label"], data["spare_image"]))
+                targets.append((data[keys.SPARE_LABEL], data[keys.SPARE_IMAGE]))
             return images, labels, targets
         if not isinstance(data, (tuple, list)) or len(data) < 2:
             raise ValueError(
@@ -180,7 +181,7 @@ class _ReferenceModel(keras.Model):
             )
         images, labels = data[0], self._k_hot(data[1])
         if isinstance(images, dict):
-            images = images["images"]
+            images = images[keys.IMAGES]
         label_ids = tf.math.top_k(labels, k=self.num_targets).indices
         targets = [(label_ids[:, i], images) for i in range(self.num_targets)]
         return images, labels, targets

@@ -50,6 +50,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from capsules.errors import UsageError
 from capsules.hparams import HParams
 from capsules.models import CapsNet, ConvBaseline
 
@@ -88,10 +89,10 @@ def restore(model: keras.Model, checkpoint_prefix: str) -> None:
 
     Raises:
       TypeError: for another kind of model.
-      ValueError: the checkpoint has variables the model does not know (listed), or
-        lacks some of the model's, or a shape differs; the message names each
-        variable with the shape expected and found and, where one exists, the
-        --hparams_override that would fit. Nothing is assigned then.
+      capsules.errors.UsageError (a ValueError): the checkpoint has variables the
+        model does not know (listed), or lacks some of the model's, or a shape differs;
+        the message names each variable with the shape expected and found and, where one
+        exists, the --hparams_override that would fit. Nothing is assigned then.
     """
     kind = _kind(model)
     shapes = {
@@ -113,7 +114,7 @@ def restore(model: keras.Model, checkpoint_prefix: str) -> None:
     for name in sorted(set(found) - set(targets)):
         problems.append(f"  {found[name]}: in the checkpoint, not in this model")
     if problems:
-        raise ValueError(
+        raise UsageError(
             f"checkpoint {checkpoint_prefix} does not fit this {_describe(model)}:\n"
             + "\n".join(problems)
             + "\n"
@@ -151,7 +152,7 @@ def _match_names(shapes: dict[str, tuple], kind: str, checkpoint_prefix: str) ->
         if name not in known:
             unknown.append(stored)
         elif name in found:
-            raise ValueError(
+            raise UsageError(
                 f"checkpoint {checkpoint_prefix} holds both {found[name]} and {stored}; "
                 f"expected one variable {name}"
             )
@@ -165,7 +166,7 @@ def _match_names(shapes: dict[str, tuple], kind: str, checkpoint_prefix: str) ->
                 "capsule)" if kind == "baseline" else "baseline)"
             )
         model_name = "CapsNet" if kind == "capsule" else "ConvBaseline"
-        raise ValueError(
+        raise UsageError(
             f"checkpoint {checkpoint_prefix} has variables that a reference {model_name} does "
             f"not have: {', '.join(unknown)}{hint}"
         )

@@ -9,7 +9,6 @@ kept, and the last step is always saved.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -17,7 +16,8 @@ import time
 import keras
 import tensorflow as tf
 
-from capsules.checkpoints import HPARAMS_FILE
+from capsules import features as keys
+from capsules.checkpoints import write_run_file
 from capsules.models import CapsNet
 
 CHECKPOINT_NAME = "model.ckpt"
@@ -25,15 +25,6 @@ CHECKPOINT_NAME = "model.ckpt"
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss."""
-
-
-def write_json_atomically(path: str, content: dict) -> None:
-    """Writes `content` to `path` through a temporary file and a rename."""
-    temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "w") as handle:
-        json.dump(content, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    os.replace(temporary, path)
 
 
 def checkpoint_manager(model: keras.Model, directory: str, max_to_keep: int | None = None):
@@ -46,9 +37,9 @@ def checkpoint_manager(model: keras.Model, directory: str, max_to_keep: int | No
 
 def _reconstruction_summary(model: CapsNet, features: dict, max_images: int = 10) -> tf.Tensor:
     """Input, target and reconstruction side by side `[n, h, 3 * w, depth]`, as the reference's."""
-    images = features["images"][:max_images]
-    target = features["recons_image"][:max_images]
-    remake = model.reconstruct(images, features["recons_label"][:max_images])
+    images = features[keys.IMAGES][:max_images]
+    target = features[keys.RECONS_IMAGE][:max_images]
+    remake = model.reconstruct(images, features[keys.RECONS_LABEL][:max_images])
     return tf.concat([images, target, remake], axis=2)
 
 
@@ -60,7 +51,7 @@ def train(
     save_step: int,
     batch_size: int,
     strategy: tf.distribute.Strategy | None = None,
-    extra_config: dict | None = None,
+    run_flags: dict | None = None,
     verbose: bool = True,
 ) -> int:
     """Trains `model` (compiled) on batches of `dataset` until step max_steps.
@@ -68,13 +59,14 @@ def train(
     Args:
       model: a compiled CapsNet or ConvBaseline, built under `strategy`'s scope.
       dataset: repeating dataset of `input_data.inputs` feature dicts.
-      train_dir: checkpoints model.ckpt-STEP, hparams.json and summaries go here;
+      train_dir: checkpoints model.ckpt-STEP, the run file and summaries go here;
         a latest checkpoint found here is restored first (optimizer state and step).
       max_steps: the step to stop at (counted from the first run, as the reference).
       save_step: save a checkpoint every save_step steps (and at the last step).
       batch_size: images per step over all replicas (for the images/s figure).
       strategy: distribution strategy the model was built in (default: none).
-      extra_config: written with the hyper-parameters to train_dir/hparams.json.
+      run_flags: the run's flags, written to the run file with the model's config
+        (`capsules.checkpoints.write_run_file`).
 
     Returns the last step. Raises NonFiniteLossError on a NaN or infinite loss,
     after which the latest checkpoint in train_dir is the last good one.
@@ -87,10 +79,7 @@ def train(
     if manager.latest_checkpoint:
         manager.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
     step = int(model.optimizer.iterations.numpy())
-    write_json_atomically(
-        os.path.join(train_dir, HPARAMS_FILE),
-        {"hparams": model.hparams.to_dict(), **(extra_config or {})},
-    )
+    write_run_file(train_dir, model, run_flags)
     if step >= max_steps:
         return step
 

@@ -32,7 +32,9 @@ from matplotlib.figure import Figure
 
 import input_data
 from capsules import checkpoints
-from capsules.models import CapsNet, build_model, unflatten_depth_major
+from capsules import features as keys
+from capsules.errors import MissingFileError, UsageError
+from capsules.models import CapsNet, unflatten_depth_major
 
 DPI = 100
 PERTURBATION_STEPS = tuple(round(0.05 * i, 2) for i in range(-5, 6))
@@ -61,21 +63,20 @@ _FIRST, _SECOND = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])  # multim
 
 def load_capsnet(checkpoint: str, dataset: str = "mnist", num_targets: int = 1,
                  distort: bool = False, hparams_override: str | None = None) -> CapsNet:
-    """The CapsNet of `checkpoint` for the test images of `dataset`, its weights restored.
+    """The CapsNet of `checkpoint` (`capsules.checkpoints.load_model`), its weights restored.
 
-    Hyper-parameters come from the hparams.json next to the checkpoint (the reference's
-    defaults without one, e.g. for a TF1 checkpoint), then `hparams_override`
-    ("key=value,..."). Raises FileNotFoundError for a missing checkpoint and ValueError for
-    one that does not fit.
+    The model comes from the run file next to the checkpoint, its hparams changed by
+    `hparams_override` ("key=value,..."); `dataset`, `num_targets` and `distort` give the
+    images' shape where the run file does not (a TF1 checkpoint, an older run file).
+    Raises MissingFileError for a missing checkpoint and UsageError for one that does not
+    fit or is no CapsNet's.
     """
-    checkpoints.require_checkpoint(checkpoint)
-    try:
-        hparams = checkpoints.checkpoint_hparams(checkpoint, hparams_override)
-    except ValueError as error:
-        raise ValueError(f"--hparams_override: {error}") from None
-    info = input_data.dataset_info(dataset, num_targets, distort)
-    model = build_model("capsule", hparams, info)
-    checkpoints.restore_weights(model, checkpoint)
+    model = checkpoints.load_model(
+        checkpoint, hparams_override, model="capsule",
+        dataset_info=input_data.dataset_info(dataset, num_targets, distort))
+    if not isinstance(model, CapsNet):
+        raise UsageError(f"checkpoint {checkpoint} is a {type(model).__name__}'s; the pictures "
+                         "need a CapsNet's")
     return model
 
 
@@ -86,9 +87,9 @@ def read_test_examples(data_dir: str, count: int, start: int = 0, dataset: str =
     data = input_data.inputs(dataset, "test", data_dir, min(count, 100), num_targets=num_targets,
                              distort=distort)
     for features in data.unbatch().skip(start).batch(count).take(1):
-        if features["images"].shape[0] == count:
+        if features[keys.IMAGES].shape[0] == count:
             return {name: value.numpy() for name, value in features.items()}
-    raise ValueError(f"{data_dir}: the test data has no example {start + count - 1} (examples "
+    raise UsageError(f"{data_dir}: the test data has no example {start + count - 1} (examples "
                      f"0..{start + count - 1} are drawn; see --num_images, --image_index)")
 
 
@@ -180,9 +181,9 @@ def _two_row_figure(top: np.ndarray, bottom: np.ndarray, titles: list[str],
 def plot_reconstructions(model: CapsNet, examples: dict[str, np.ndarray], path: str) -> str:
     """Writes test images above their reconstructions from the predicted capsule, titled
     with the true and the predicted label; returns `path`. (100 + 100 n) x 240 pixels."""
-    images = examples["images"]
+    images = examples[keys.IMAGES]
     predicted = _predicted_classes(model, images)[:, 0]
-    truth = [classes[0] for classes in _true_classes(examples["labels"])]
+    truth = [classes[0] for classes in _true_classes(examples[keys.LABELS])]
     remakes = model.reconstruct(images, predicted).numpy()
     titles = [f"label {t}\npredicted {p}" for t, p in zip(truth, predicted, strict=True)]
     mistakes = [t != p for t, p in zip(truth, predicted, strict=True)]
@@ -194,12 +195,12 @@ def plot_multimnist(model: CapsNet, examples: dict[str, np.ndarray], path: str) 
     """Writes MultiMNIST inputs above the reconstructions from their two longest capsules,
     red and green over the dimmed input, titled L: true labels, R: the reconstructed
     classes (the paper's Figure 5); returns `path`. (100 + 100 n) x 240 pixels."""
-    images = examples["images"]
+    images = examples[keys.IMAGES]
     predicted = _predicted_classes(model, images)  # [n, 2]
     first = model.reconstruct(images, predicted[:, 0]).numpy()[..., :1]
     second = model.reconstruct(images, predicted[:, 1]).numpy()[..., :1]
     overlays = np.clip(0.35 * images[..., :1] + first * _FIRST + second * _SECOND, 0.0, 1.0)
-    truth = _true_classes(examples["labels"])
+    truth = _true_classes(examples[keys.LABELS])
     titles = [f"L: {', '.join(map(str, t))}\nR: {p[0]}, {p[1]}"
               for t, p in zip(truth, predicted, strict=True)]
     mistakes = [sorted(t) != sorted(p) for t, p in zip(truth, predicted.tolist(), strict=True)]
@@ -242,10 +243,10 @@ def plot_capsule_lengths(model: CapsNet, example: dict[str, np.ndarray], index: 
     """Writes test image `index` (the one example of `example`) beside the lengths of its
     class capsules as bars, the predicted classes highlighted; returns `path`. 800 x 320
     pixels."""
-    image = example["images"][:1]
+    image = example[keys.IMAGES][:1]
     lengths = model(image, training=False).numpy()[0]
     predicted = _predicted_classes(model, image)[0].tolist()
-    truth = _true_classes(example["labels"][:1])[0]
+    truth = _true_classes(example[keys.LABELS][:1])[0]
     figure = _figure(*_LENGTHS_SIZE)
     _show_image(figure, image[0], 20, 40, 260)
     axes = figure.add_axes((0.43, 0.15, 0.54, 0.72))
@@ -299,12 +300,12 @@ def plot_curves(summary_dir: str, path: str) -> str:
     """Writes training loss, accuracy, test error and learning rate over steps from the
     event files of summary_dir/train and summary_dir/test; returns `path`. 1200 x 800 pixels.
 
-    Raises FileNotFoundError when neither directory holds scalar summaries.
+    Raises MissingFileError when neither directory holds scalar summaries.
     """
     train = read_scalars(os.path.join(summary_dir, "train"))
     test = read_scalars(os.path.join(summary_dir, "test"))
     if not train and not test:
-        raise FileNotFoundError(f"no TensorBoard scalars in {summary_dir}/train or "
+        raise MissingFileError(f"no TensorBoard scalars in {summary_dir}/train or "
                                 f"{summary_dir}/test (--summary_dir)")
     test_error = {}
     if "accuracy" in test:
@@ -353,15 +354,15 @@ def write_pictures(output_dir: str, checkpoint: str | None = None, data_dir: str
 
     The model pictures need `checkpoint` and `data_dir` (test images, the first
     max(num_images, num_perturbed) of them and number `image_index`); curves.png needs
-    `summary_dir`. Raises FileNotFoundError for a missing checkpoint, data or summaries and
-    ValueError for bad arguments, with one-line messages.
+    `summary_dir`. Raises MissingFileError for a missing checkpoint, data or summaries and
+    UsageError for bad arguments, with one-line messages.
     """
     if not checkpoint and not summary_dir:
-        raise ValueError("nothing to draw: give --checkpoint and --data_dir, or --summary_dir")
+        raise UsageError("nothing to draw: give --checkpoint and --data_dir, or --summary_dir")
     if checkpoint and not data_dir:
-        raise ValueError("--checkpoint needs --data_dir (the test images to draw)")
+        raise UsageError("--checkpoint needs --data_dir (the test images to draw)")
     if num_images < 1 or num_perturbed < 1 or image_index < 0:
-        raise ValueError("num_images and num_perturbed must be >= 1, image_index >= 0")
+        raise UsageError("num_images and num_perturbed must be >= 1, image_index >= 0")
     os.makedirs(output_dir, exist_ok=True)
     paths = []
     if summary_dir:
@@ -385,7 +386,7 @@ def write_pictures(output_dir: str, checkpoint: str | None = None, data_dir: str
                                                                       RECONSTRUCTIONS)))
     else:
         paths.append(plot_multimnist(model, first, os.path.join(output_dir, MULTIMNIST)))
-    paths.append(plot_perturbations(model, examples["images"][:num_perturbed],
+    paths.append(plot_perturbations(model, examples[keys.IMAGES][:num_perturbed],
                                     os.path.join(output_dir, PERTURBATIONS)))
     return paths
 
@@ -422,7 +423,7 @@ def main(argv: list[str]) -> None:
         paths = write_pictures(
             f.output_dir, f.checkpoint, f.data_dir, f.summary_dir, f.dataset, f.num_targets,
             f.distort, f.hparams_override, f.num_images, f.num_perturbed, f.image_index)
-    except (ValueError, FileNotFoundError, tf.errors.OpError) as error:
+    except (UsageError, tf.errors.OpError) as error:  # OpError: a record the reader rejects
         message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         print(f"visualize: error: {message}", file=sys.stderr)
         sys.exit(1)

@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
+from capsules.errors import UsageError
+
 Features = dict[str, tf.Tensor]
 
 
@@ -58,7 +60,7 @@ def build(reader: Reader, records: tf.data.Dataset, batch_size: int, is_training
     is dropped, so every batch has `batch_size` examples).
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: expected >= 1")
+        raise UsageError(f"batch_size={batch_size}: expected >= 1")
     autotune = tf.data.AUTOTUNE
     ds = records
     if is_training:

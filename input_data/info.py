@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from capsules.errors import UsageError
+
 DATASETS = ("mnist", "cifar10", "norb")
 SPLITS = ("train", "test")
 
@@ -20,9 +22,9 @@ class DatasetInfo:
 
 
 def check_name(kind: str, value: str, allowed: tuple[str, ...]) -> None:
-    """Raises ValueError listing the allowed values when `value` is not one of them."""
+    """Raises UsageError listing the allowed values when `value` is not one of them."""
     if value not in allowed:
-        raise ValueError(f"unknown {kind} {value!r}; expected one of: {', '.join(allowed)}")
+        raise UsageError(f"unknown {kind} {value!r}; expected one of: {', '.join(allowed)}")
 
 
 def dataset_info(dataset: str, num_targets: int = 1, distort: bool = False) -> DatasetInfo:
@@ -34,9 +36,9 @@ def dataset_info(dataset: str, num_targets: int = 1, distort: bool = False) -> D
     """
     check_name("dataset", dataset, DATASETS)
     if num_targets not in (1, 2) or (num_targets == 2 and dataset != "mnist"):
-        raise ValueError(f"num_targets={num_targets}: expected 1, or 2 for mnist (MultiMNIST)")
+        raise UsageError(f"num_targets={num_targets}: expected 1, or 2 for mnist (MultiMNIST)")
     if num_targets == 2 and distort:
-        raise ValueError("distort applies to single-digit MNIST only, not MultiMNIST")
+        raise UsageError("distort applies to single-digit MNIST only, not MultiMNIST")
     if dataset == "cifar10":
         return DatasetInfo(24, 24, 3, 10, 1)
     if dataset == "norb":

@@ -7,10 +7,11 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
+from capsules.errors import UsageError
 from input_data import builder, tfds_source
 from input_data.cifar10 import cifar10_input
 from input_data.info import SPLITS, check_name, dataset_info
-from input_data.mnist import mnist_input_record
+from input_data.mnist import mnist_input_record, record_names
 from input_data.norb import norb_input_record
 
 
@@ -51,17 +52,17 @@ def inputs(dataset: str, split: str, data_dir: str, batch_size: int, num_targets
     check_name("split", split, SPLITS)
     dataset_info(dataset, num_targets, distort)  # checks the combination
     if random_shift < 0 or (random_shift and (dataset != "mnist" or num_targets != 1)):
-        raise ValueError(f"random_shift={random_shift}: expected 0, or > 0 only for "
+        raise UsageError(f"random_shift={random_shift}: expected 0, or > 0 only for "
                          "single-digit mnist")
     if validate and dataset != "mnist":
-        raise ValueError(f"validate=True: {dataset} has no validation split")
+        raise UsageError(f"validate=True: {dataset} has no validation split")
     is_training = split == "train"
     from_tfds = tfds_source.is_tfds(data_dir)
     if from_tfds and num_targets == 2:
-        raise ValueError(f"data_dir={data_dir!r}: MultiMNIST is read from PREFIX@N shards")
+        raise UsageError(f"data_dir={data_dir!r}: MultiMNIST is read from PREFIX@N shards")
     shift = 0
     if is_training and dataset == "mnist":
-        shift = random_shift or (mnist_input_record.TRAIN_SHIFT if from_tfds else 0)
+        shift = random_shift or (record_names.TRAIN_SHIFT if from_tfds else 0)
     reader = _reader(dataset, num_targets, distort, shift)
     if from_tfds:
         records = tfds_source.records(dataset, split, data_dir, validate, is_training, seed)

@@ -11,6 +11,8 @@ from typing import TypeVar
 
 import tensorflow as tf
 
+from capsules.errors import MissingFileError, UsageError
+
 T = TypeVar("T")
 
 
@@ -33,15 +35,15 @@ def expand_sharded(spec: str) -> list[str]:
     """Expands `PREFIX@N` into its N shard names (the reference's notation)."""
     prefix, sep, count = spec.rpartition("@")
     if not sep or not prefix or not count.isdigit() or int(count) < 1:
-        raise ValueError(f"sharded data set {spec!r}: expected PREFIX@N with N >= 1")
+        raise UsageError(f"sharded data set {spec!r}: expected PREFIX@N with N >= 1")
     return shard_names(prefix, int(count))
 
 
 def require_files(paths: Sequence[str], how_to_make: str) -> None:
-    """Raises FileNotFoundError naming the first missing path and the command that makes it."""
+    """Raises MissingFileError naming the first missing path and the command that makes it."""
     for path in paths:
         if not tf.io.gfile.exists(path):
-            raise FileNotFoundError(f"{path} not found; make it with: {how_to_make}")
+            raise MissingFileError(f"{path} not found; make it with: {how_to_make}")
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from capsules.errors import UsageError
 from input_data.builder import Features
 
 PREFIX = "tfds"
@@ -26,7 +27,7 @@ def records(dataset: str, split: str, data_dir: str, validate: bool, is_training
             seed: int | None) -> tf.data.Dataset:
     """(source name, example dict) pairs of a split from tensorflow-datasets."""
     if dataset not in DATASETS:
-        raise ValueError(f"data_dir={data_dir!r}: tensorflow-datasets serves only "
+        raise UsageError(f"data_dir={data_dir!r}: tensorflow-datasets serves only "
                          f"{', '.join(DATASETS)}, not {dataset}")
     try:
         import tensorflow_datasets as tfds

@@ -18,16 +18,13 @@ import tensorflow as tf
 
 import input_data
 from capsules import checkpoints
-from capsules.models import build_model
 from capsules.training import checkpoint_manager
 
 NUM_BATCHES = 20
 
 
 def main(source: str, train_dir: str, data_dir: str) -> None:
-    model = build_model("capsule", checkpoints.checkpoint_hparams(source),
-                        input_data.dataset_info("mnist", 1))
-    checkpoints.restore_weights(model, source)  # before compile(): weights only
+    model = checkpoints.load_model(source)  # uncompiled: the weights only
     model.compile()
     optimizer = model.optimizer
     optimizer.build(model.trainable_variables)

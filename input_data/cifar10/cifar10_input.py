@@ -13,6 +13,8 @@ import os
 
 import tensorflow as tf
 
+from capsules import features as keys
+from capsules.errors import UsageError
 from input_data.builder import Features, Reader
 from input_data.records import checked_class, require_files
 
@@ -35,7 +37,7 @@ def record_files(split: str, data_dir: str) -> list[str]:
     for path in files:
         size = tf.io.gfile.stat(path).length
         if size % RECORD_BYTES:
-            raise ValueError(f"{path}: {size} bytes is not a multiple of the "
+            raise UsageError(f"{path}: {size} bytes is not a multiple of the "
                              f"{RECORD_BYTES}-byte CIFAR10 record")
     return files
 
@@ -53,8 +55,8 @@ def decode(filename: tf.Tensor, record: tf.Tensor) -> Features:
 
 def _features(image: tf.Tensor, label: tf.Tensor) -> Features:
     image = tf.image.per_image_standardization(image)
-    return {"images": image, "labels": tf.one_hot(label, NUM_CLASSES),
-            "recons_image": image, "recons_label": label}
+    return {keys.IMAGES: image, keys.LABELS: tf.one_hot(label, NUM_CLASSES),
+            keys.RECONS_IMAGE: image, keys.RECONS_LABEL: label}
 
 
 def parse_train(data: Features, seed: tf.Tensor) -> Features:

@@ -13,9 +13,10 @@ import functools
 
 import tensorflow as tf
 
+from capsules import features as keys
 from input_data import transforms
 from input_data.builder import Features, Reader
-from input_data.mnist.mnist_shift import record_name
+from input_data.mnist.record_names import GENERATOR, TRAIN_SHIFT, record_name
 from input_data.records import checked_class, expand_sharded, parse_example, require_files
 
 IMAGE_SIZE = 28
@@ -23,9 +24,7 @@ MULTI_SIZE = 36
 DISTORTED_SIZE = 24
 MAX_ROTATION_DEGREES = 15.0
 NUM_CLASSES = 10
-TRAIN_SHIFT = 2
 SHUFFLE_BUFFER = 5000
-GENERATOR = "python input_data/mnist/mnist_shift.py"
 
 
 def record_files(split: str, data_dir: str, validate: bool, random_shift: int) -> list[str]:
@@ -80,8 +79,8 @@ def _to_float(image: tf.Tensor) -> tf.Tensor:
 
 
 def _single_features(image: tf.Tensor, label: tf.Tensor) -> Features:
-    return {"images": image, "labels": tf.one_hot(label, NUM_CLASSES),
-            "recons_image": image, "recons_label": label}
+    return {keys.IMAGES: image, keys.LABELS: tf.one_hot(label, NUM_CLASSES),
+            keys.RECONS_IMAGE: image, keys.RECONS_LABEL: label}
 
 
 def parse_train(data: Features, seed: tf.Tensor, random_shift: int, distort: bool) -> Features:
@@ -109,13 +108,13 @@ def parse_multi(data: Features) -> Features:
     """MultiMNIST features: images = the overlay, labels two-hot, recons = the first digit,
     spare = the second digit."""
     return {
-        "images": _to_float(data["merged"]),
-        "labels": tf.one_hot(data["label_1"], NUM_CLASSES)
+        keys.IMAGES: _to_float(data["merged"]),
+        keys.LABELS: tf.one_hot(data["label_1"], NUM_CLASSES)
         + tf.one_hot(data["label_2"], NUM_CLASSES),
-        "recons_image": _to_float(data["image_1"]),
-        "recons_label": data["label_1"],
-        "spare_image": _to_float(data["image_2"]),
-        "spare_label": data["label_2"],
+        keys.RECONS_IMAGE: _to_float(data["image_1"]),
+        keys.RECONS_LABEL: data["label_1"],
+        keys.SPARE_IMAGE: _to_float(data["image_2"]),
+        keys.SPARE_LABEL: data["label_2"],
     }
 
 

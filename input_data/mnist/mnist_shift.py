@@ -33,26 +33,10 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
+from capsules.errors import MissingFileError, UsageError
 from input_data.mnist import idx
+from input_data.mnist.record_names import SPLITS, record_name
 from input_data.records import atomic_paths, bytes_feature, int64_feature, progress, shard_names
-
-# split -> (source files, range of images used, None: to the end); the validation splits
-# hold out the first 10,000 training images, as the reference does.
-SPLITS = {
-    "train": (idx.TRAIN_FILES, (0, None)),
-    "test": (idx.TEST_FILES, (0, None)),
-    "valid_train": (idx.TRAIN_FILES, (10000, None)),
-    "valid_test": (idx.TRAIN_FILES, (0, 10000)),
-}
-
-
-def record_name(split: str, shift: int, multi_targets: bool = False) -> str:
-    """The file name (the shard prefix for MultiMNIST) the readers expect for a split."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
-    name = f"{split.removeprefix('valid_')}_{shift}shifted_mnist"
-    name += "_valid.tfrecords" if split.startswith("valid_") else ".tfrecords"
-    return "multi" + name if multi_targets else name
 
 
 def load_split(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -61,13 +45,13 @@ def load_split(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     for name in files:
         path = os.path.join(data_dir, name)
         if not os.path.exists(path):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{path} not found; make it with: python -m input_data.mnist.fetch "
                 f"--data_dir={data_dir}"
             )
     images, labels = idx.read_split(data_dir, files)
     if len(images) < (end or start + 1):
-        raise ValueError(f"{os.path.join(data_dir, files[0])}: {len(images)} images, too few "
+        raise UsageError(f"{os.path.join(data_dir, files[0])}: {len(images)} images, too few "
                          f"for split {split} (images {start}..{end or 'end'})")
     return images[start:end], labels[start:end]
 
@@ -143,7 +127,7 @@ def write_multi(images: np.ndarray, labels: np.ndarray, prefix: str, shift: int,
     others = {label: np.flatnonzero(labels != label) for label in np.unique(labels)}
     fewest = min(len(indices) for indices in others.values())
     if num_pairs > fewest:
-        raise ValueError(f"num_pairs={num_pairs}: some images have only {fewest} partners "
+        raise UsageError(f"num_pairs={num_pairs}: some images have only {fewest} partners "
                          "with another label")
     with atomic_paths(names) as temps:
         writers = [tf.io.TFRecordWriter(temp) for temp in temps]

@@ -13,6 +13,7 @@ import os
 
 import tensorflow as tf
 
+from capsules import features as keys
 from input_data.builder import Features, Reader
 from input_data.records import checked_class, parse_example, require_files
 
@@ -53,8 +54,8 @@ def _resized(image: tf.Tensor) -> tf.Tensor:
 
 def _features(image: tf.Tensor, label: tf.Tensor) -> Features:
     image = tf.image.per_image_standardization(image)
-    return {"images": image, "labels": tf.one_hot(label, NUM_CLASSES),
-            "recons_image": image, "recons_label": label}
+    return {keys.IMAGES: image, keys.LABELS: tf.one_hot(label, NUM_CLASSES),
+            keys.RECONS_IMAGE: image, keys.RECONS_LABEL: label}
 
 
 def parse_train(data: Features, seed: tf.Tensor) -> Features:
