@@ -64,11 +64,12 @@ def model_name(model: keras.Model) -> str:
 def write_run_file(directory: str, model: keras.Model, flags: dict[str, Any] | None = None
                    ) -> str:
     """Writes directory/RUN_FILE for checkpoints of `model` (atomically); returns its path."""
+    name = model_name(model)
     config = model.get_config()
     hparams = config.pop("hparams")
     path = os.path.join(directory, RUN_FILE)
-    write_json_atomically(path, {"model": model_name(model), "config": config,
-                                 "hparams": hparams, "flags": dict(flags or {})})
+    write_json_atomically(path, {"model": name, "config": config, "hparams": hparams,
+                                 "flags": dict(flags or {})})
     return path
 
 

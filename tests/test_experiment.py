@@ -1,14 +1,18 @@
-"""experiment.py on the command line, in subprocesses, on tiny records: training with
-checkpoints, summaries and resumption (also after kill -9), a NaN loss, evaluation of one
-checkpoint (single digits and MultiMNIST) and of each new one, and every bad input.
+"""experiment.py on tiny records, its run functions called in-process: training with
+checkpoints, the run file, summaries and resumption, a NaN loss, evaluation of one checkpoint
+(single digits and MultiMNIST) and of each new one, the ensemble and its run files, export of
+a --distort run, and every bad input; in subprocesses only what needs the command line:
+kill -9 and resumption, exit codes and one-line errors, a traceback for what is no user error.
 
 The models are small (--hparams_override=num_prime_capsules=1,routing=1) and the batches
-4 images, so that each run takes a few seconds; the runs are shared between tests by
-module-scoped fixtures. (The ensemble is in test_tf1_checkpoint.py.)
+4 images, so that each run takes about a second; the runs are shared between tests by
+module-scoped fixtures.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -19,14 +23,21 @@ import sys
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from absl import flags
 
+import experiment
 import input_data
-from capsules import checkpoints
+from capsules import checkpoints, evaluation
+from capsules.errors import UsageError
+from capsules.export import export_weights
 from capsules.models import CapsNet
+from capsules.training import NonFiniteLossError
 from input_data.mnist import mnist_shift
+from input_data.mnist.record_names import record_name
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
@@ -45,7 +56,15 @@ LOG_LINE = re.compile(r"^([IWEF]\d{4} |WARNING: All log messages before absl::In
 
 # ---- helpers ----------------------------------------------------------------------------
 
-def experiment(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+def run(*args: str):
+    """experiment.run of the config of ARGS, in this process; returns (result, stdout)."""
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        result = experiment.run(experiment.parse_config(args))
+    return result, stdout.getvalue()
+
+
+def experiment_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     """Runs `python experiment.py ARGS` in the repository root; returns the finished process."""
     result = subprocess.run([sys.executable, "experiment.py", *args], cwd=ROOT, env=ENV,
                             capture_output=True, text=True, timeout=TIMEOUT)
@@ -114,13 +133,10 @@ def scaled(pixels: np.ndarray) -> np.ndarray:
     return pixels[..., None].astype(np.float32) * np.float32(1.0 / 255)
 
 
-def restored_capsnet(checkpoint: str, input_shape, num_targets: int = 1) -> CapsNet:
-    """A CapsNet with the hparams saved next to `checkpoint` and its weights."""
-    model = CapsNet(checkpoints.checkpoint_hparams(checkpoint), input_shape=input_shape,
-                    num_targets=num_targets)
-    model(np.zeros((1, *input_shape), np.float32))  # build, so that restoring is checked
-    checkpoints.restore_weights(model, checkpoint)
-    return model
+def wrong_count(checkpoint: str, images: np.ndarray, labels: np.ndarray) -> int:
+    """Wrong argmax predictions of the checkpoint's model, computed here."""
+    logits = checkpoints.load_model(checkpoint)(images, training=False).numpy()
+    return int(np.sum(np.argmax(logits, axis=1) != labels))
 
 
 def report(stdout: str) -> dict[str, int | float]:
@@ -150,11 +166,10 @@ def data(tmp_path_factory) -> dict:
     pixels[:, 4:-4, 4:-4] = rng.integers(0, 256, (NUM_IMAGES, 20, 20))
     labels = np.arange(NUM_IMAGES) % 10
     test_pixels, test_labels = pixels[::-1].copy(), (labels[::-1] + 3) % 10
-    mnist_shift.write_single(pixels, labels,
-                             str(data_dir / mnist_shift.record_name("train", 2)), 0, 0)
-    mnist_shift.write_single(test_pixels, test_labels,
-                             str(data_dir / mnist_shift.record_name("test", 0)), 0, 0)
-    prefix = data_dir / mnist_shift.record_name("test", 4, multi_targets=True)
+    mnist_shift.write_single(pixels, labels, str(data_dir / record_name("train", 2)), 0, 0)
+    mnist_shift.write_single(test_pixels, test_labels, str(data_dir / record_name("test", 0)),
+                             0, 0)
+    prefix = data_dir / record_name("test", 4, multi_targets=True)
     shards = mnist_shift.write_multi(pixels, labels, str(prefix), shift=4, pad=4, num_pairs=2,
                                      max_shard=NUM_IMAGES, seed=0)
     assert len(shards) == 2
@@ -169,8 +184,8 @@ def first_run(data, tmp_path_factory) -> dict:
     train_dir = summary_dir / "train"
     args = [f"--data_dir={data['dir']}", f"--summary_dir={summary_dir}", "--save_step=2",
             "--batch_size=4", f"--hparams_override={DECAYING}"]
-    result = experiment(*args, "--max_steps=3", check=True)
-    return {"args": args, "result": result, "train_dir": train_dir,
+    step, stdout = run(*args, "--max_steps=3")
+    return {"args": args, "step": step, "stdout": stdout, "train_dir": train_dir,
             "files": sorted(p.name for p in train_dir.iterdir()),
             "steps": saved_steps(train_dir), "checkpoints": listed_checkpoints(train_dir),
             "summaries": summaries(train_dir)}
@@ -181,29 +196,59 @@ def resumed_run(first_run) -> dict:
     """The same command with --max_steps=5."""
     train_dir = first_run["train_dir"]
     before = set(train_dir.glob("events.out.tfevents.*"))
-    result = experiment(*first_run["args"], "--max_steps=5", check=True)
+    run(*first_run["args"], "--max_steps=5")
     new_events = {path: tags for path, tags in summaries(train_dir).items()
                   if path not in before}
-    return {"result": result, "steps": saved_steps(train_dir),
-            "checkpoints": listed_checkpoints(train_dir), "summaries": new_events}
+    return {"steps": saved_steps(train_dir), "checkpoints": listed_checkpoints(train_dir),
+            "summaries": new_events}
+
+
+# ---- the config -------------------------------------------------------------------------
+
+def test_parse_config_reads_every_flag_into_a_frozen_config():
+    config = experiment.parse_config(["--data_dir=d", "--max_steps=7", "--train=false",
+                                      "--hparams_override=routing=2", "--distort"])
+    assert (config.data_dir, config.max_steps, config.train, config.distort) == (
+        "d", 7, False, True)
+    assert config.hparams_override == "routing=2" and config.batch_size == 128  # default
+    with pytest.raises(AttributeError):
+        config.max_steps = 8  # frozen
+    values = flags.FlagValues()
+    experiment.define_flags(values)
+    assert sorted(values) == sorted(field.name for field in experiment.dataclasses.fields(
+        experiment.Config))  # one field per flag
+    with pytest.raises(flags.IllegalFlagValueError, match="num_targets"):
+        experiment.parse_config(["--num_targets=3"])
 
 
 # ---- training ---------------------------------------------------------------------------
 
 def test_training_saves_checkpoints_every_save_step_and_at_the_last(first_run):
     train_dir = first_run["train_dir"]
+    assert first_run["step"] == 3
     assert first_run["steps"] == [2, 3]
     assert first_run["checkpoints"] == [str(train_dir / "model.ckpt-2"),
                                         str(train_dir / "model.ckpt-3")]
-    assert {"checkpoint", "hparams.json"} <= set(first_run["files"])
+    assert {"checkpoint", checkpoints.RUN_FILE} <= set(first_run["files"])
     assert not [name for name in first_run["files"] if "tmp" in name or "temp" in name]
-    config = json.loads((train_dir / "hparams.json").read_text())
-    assert config["hparams"]["num_prime_capsules"] == 1
-    assert config["hparams"]["routing"] == 1
-    assert config["hparams"]["decay_steps"] == 1 and config["hparams"]["remake"] is True
-    assert {key: config[key] for key in ("model", "dataset", "num_targets", "batch_size")} == {
-        "model": "capsule", "dataset": "mnist", "num_targets": 1, "batch_size": 4}
-    assert "total_params:" in first_run["result"].stdout
+    assert "total_params:" in first_run["stdout"]
+
+
+def test_training_writes_the_run_file_that_rebuilds_the_model(first_run):
+    content = json.loads((first_run["train_dir"] / checkpoints.RUN_FILE).read_text())
+    assert content["model"] == "capsule"
+    assert {key: content["config"][key] for key in ("input_shape", "num_classes",
+                                                    "num_targets")} == {
+        "input_shape": [28, 28, 1], "num_classes": 10, "num_targets": 1}
+    hparams = content["hparams"]
+    assert (hparams["num_prime_capsules"], hparams["routing"], hparams["decay_steps"],
+            hparams["remake"]) == (1, 1, 1, True)
+    assert {key: content["flags"][key] for key in ("model", "dataset", "num_targets",
+                                                   "batch_size", "hparams_override")} == {
+        "model": "capsule", "dataset": "mnist", "num_targets": 1, "batch_size": 4,
+        "hparams_override": DECAYING}
+    model = checkpoints.load_model(first_run["checkpoints"][-1])  # from the path alone
+    assert isinstance(model, CapsNet) and model.hparams.num_prime_capsules == 1
 
 
 def test_training_writes_scalar_and_image_summaries(first_run):
@@ -235,6 +280,7 @@ def test_rerun_resumes_at_the_latest_checkpoint_with_the_optimizer_step(first_ru
                                                                         rel=1e-5)
 
 
+@pytest.mark.slow
 def test_kill_9_then_the_same_command_resumes_at_the_last_saved_step(data, tmp_path):
     summary_dir = tmp_path / "run"
     train_dir = summary_dir / "train"
@@ -261,7 +307,7 @@ def test_kill_9_then_the_same_command_resumes_at_the_last_saved_step(data, tmp_p
     assert len(killed) >= 2 and last >= 2
     before = set(train_dir.glob("events.out.tfevents.*"))
 
-    experiment(*args, f"--max_steps={last + 2}", check=True)
+    experiment_cli(*args, f"--max_steps={last + 2}", check=True)
 
     resumed = listed_checkpoints(train_dir)
     assert resumed[-3:] == [str(train_dir / f"model.ckpt-{step}")
@@ -273,12 +319,13 @@ def test_kill_9_then_the_same_command_resumes_at_the_last_saved_step(data, tmp_p
 
 def test_nan_loss_stops_with_the_last_good_checkpoint_kept(data, tmp_path):
     train_dir = tmp_path / "train"
-    result = experiment(f"--data_dir={data['dir']}", f"--summary_dir={tmp_path}",
-                        "--save_step=1", "--max_steps=6", "--batch_size=4",
-                        f"--hparams_override={SMALL},remake=false,learning_rate=1e30")
-    message = error_line(result)
-    found = re.fullmatch(ERROR_PREFIX + r"loss is (nan|inf|-inf) at step (\d+); training "
-                         r"stopped, the last good checkpoint is (\S+)", message)
+    with pytest.raises(NonFiniteLossError) as error:
+        run(f"--data_dir={data['dir']}", f"--summary_dir={tmp_path}", "--save_step=1",
+            "--max_steps=6", "--batch_size=4",
+            f"--hparams_override={SMALL},remake=false,learning_rate=1e30")
+    message = str(error.value)
+    found = re.fullmatch(r"loss is (nan|inf|-inf) at step (\d+); training stopped, the last "
+                         r"good checkpoint is (\S+)", message)
     assert found, message
     bad_step, last_good = int(found.group(2)), found.group(3)
     assert bad_step >= 2, message  # lr 1e30: step 1 from the initial weights is finite
@@ -292,55 +339,52 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_kept(data, tmp_path):
 
 # ---- evaluation ---------------------------------------------------------------------------
 
-def wrong_count(checkpoint: str, images: np.ndarray, labels: np.ndarray) -> int:
-    """Wrong argmax predictions of the checkpoint's CapsNet, computed here."""
-    model = restored_capsnet(checkpoint, images.shape[1:])
-    logits = model(images, training=False).numpy()
-    return int(np.sum(np.argmax(logits, axis=1) != labels))
-
-
 def test_evaluation_of_a_checkpoint_prints_the_reference_line(data, first_run):
-    checkpoint = str(first_run["train_dir"] / "model.ckpt-3")
-    result = experiment(f"--data_dir={data['dir']}", "--train=false",
-                        f"--checkpoint={checkpoint}", "--eval_size=5", check=True)
+    checkpoint = first_run["checkpoints"][-1]
+    result, stdout = run(f"--data_dir={data['dir']}", "--train=false",
+                         f"--checkpoint={checkpoint}", "--eval_size=5")
     expected = wrong_count(checkpoint, data["test_images"][:5], data["test_labels"][:5])
-    figures = report(result.stdout)
+    assert isinstance(result, evaluation.TestResult) and result.wrong == expected
+    figures = report(stdout)
     assert figures["wrong"] == expected
-    assert f"wrong percent: {100 * expected / 5:g}%" in result.stdout
+    assert f"wrong percent: {100 * expected / 5:g}%" in stdout
     assert (figures["total"], figures["correct"]) == (5, 5 - expected)
     assert figures["accuracy"] == pytest.approx(100 * (5 - expected) / 5)
     assert "almost" not in figures
 
 
+@pytest.mark.slow
 def test_mixed_bfloat16_trains_float32_weights_and_evaluates(data, tmp_path):
-    experiment(f"--data_dir={data['dir']}", f"--summary_dir={tmp_path}", "--max_steps=2",
-               "--batch_size=4", f"--hparams_override={SMALL}", "--mixed_bfloat16", check=True)
+    run(f"--data_dir={data['dir']}", f"--summary_dir={tmp_path}", "--max_steps=2",
+        "--batch_size=4", f"--hparams_override={SMALL}", "--mixed_bfloat16")
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored after the run
     train_dir = tmp_path / "train"
-    assert json.loads((train_dir / "hparams.json").read_text())["mixed_bfloat16"] is True
+    content = json.loads((train_dir / checkpoints.RUN_FILE).read_text())
+    assert content["flags"]["mixed_bfloat16"] is True
     checkpoint = str(train_dir / "model.ckpt-2")
     reader = tf.train.load_checkpoint(checkpoint)
     dtypes = {name: dtype for name, dtype in reader.get_variable_to_dtype_map().items()
               if name.endswith("VARIABLE_VALUE")}
     assert dtypes and set(dtypes.values()) <= {tf.float32, tf.int64}, dtypes
-    restored_capsnet(checkpoint, (28, 28, 1))  # a float32 model takes the weights
-    result = experiment(f"--data_dir={data['dir']}", "--train=false", "--mixed_bfloat16",
-                        f"--checkpoint={checkpoint}", "--eval_size=5", check=True)
-    assert report(result.stdout)["total"] == 5
+    checkpoints.load_model(checkpoint)  # a float32 model takes the weights
+    result, _ = run(f"--data_dir={data['dir']}", "--train=false", "--mixed_bfloat16",
+                    f"--checkpoint={checkpoint}", "--eval_size=5")
+    assert result.total == 5
 
 
 def test_multimnist_training_and_evaluation_print_the_almost_line(data, tmp_path):
     args = [f"--data_dir={data['multi']}", "--num_targets=2"]
-    experiment(*args, f"--summary_dir={tmp_path}", "--max_steps=1", "--batch_size=4",
-               f"--hparams_override={SMALL}", check=True)
+    run(*args, f"--summary_dir={tmp_path}", "--max_steps=1", "--batch_size=4",
+        f"--hparams_override={SMALL}")
     checkpoint = str(tmp_path / "train" / "model.ckpt-1")
-    result = experiment(*args, "--train=false", f"--checkpoint={checkpoint}", "--eval_size=10",
-                        check=True)
-    figures = report(result.stdout)
-    assert figures["total"] == 10 and "almost" in figures, result.stdout
+    _, stdout = run(*args, "--train=false", f"--checkpoint={checkpoint}", "--eval_size=10")
+    figures = report(stdout)
+    assert figures["total"] == 10 and "almost" in figures, stdout
 
     batch = next(iter(input_data.inputs("mnist", "test", data["multi"], 100, num_targets=2)))
     images, labels = batch["images"].numpy()[:10], batch["labels"].numpy()[:10]
-    model = restored_capsnet(checkpoint, images.shape[1:], num_targets=2)
+    model = checkpoints.load_model(checkpoint)
+    assert model.num_targets == 2 and model.image_shape == (36, 36, 1)
     top2 = np.argsort(-model(images, training=False).numpy(), axis=1)[:, :2]
     found = np.take_along_axis(labels, top2, axis=1).sum(axis=1)  # labelled classes in top 2
     assert figures["wrong"] == int(np.sum(found < 2))
@@ -348,16 +392,17 @@ def test_multimnist_training_and_evaluation_print_the_almost_line(data, tmp_path
     assert figures["one_found"] == 10 - figures["almost"]
 
 
+@pytest.mark.slow
 def test_evaluation_watches_summary_dir_and_writes_test_summaries(data, first_run,
                                                                   resumed_run):
     summary_dir = first_run["train_dir"].parent
     latest = resumed_run["checkpoints"][-1]
     assert latest.endswith("model.ckpt-5")
-    result = experiment(f"--data_dir={data['dir']}", "--train=false",
-                        f"--summary_dir={summary_dir}", "--eval_interval_secs=1",
-                        "--eval_timeout_secs=2", "--eval_size=5", check=True)  # and exits
-    assert result.stdout.count(f"{latest}:\n") == 1, result.stdout
-    figures = report(result.stdout)
+    _, stdout = run(f"--data_dir={data['dir']}", "--train=false",
+                    f"--summary_dir={summary_dir}", "--eval_interval_secs=1",
+                    "--eval_timeout_secs=2", "--eval_size=5")  # and returns
+    assert stdout.count(f"{latest}:\n") == 1, stdout
+    figures = report(stdout)
     assert figures["wrong"] == wrong_count(latest, data["test_images"][:5],
                                            data["test_labels"][:5])
     (tags,) = summaries(summary_dir / "test").values()
@@ -367,10 +412,49 @@ def test_evaluation_watches_summary_dir_and_writes_test_summaries(data, first_ru
     assert set(tags["almost_wrong_prediction"]) == {5}
 
 
+def test_ensemble_takes_each_trials_model_from_its_run_file(data, tmp_path):
+    # Trials of 1 primary capsule type: only their run files make them restorable, since
+    # the flags of the evaluation give no --hparams_override.
+    for trial in range(2):
+        run(f"--data_dir={data['dir']}", f"--summary_dir={tmp_path / f'trial{trial}'}",
+            "--max_steps=1", "--batch_size=4", f"--hparams_override={SMALL}",
+            f"--seed={trial}")
+    pattern = str(tmp_path / "trial{}" / "train" / "model.ckpt-1")
+    result, stdout = run(f"--data_dir={data['dir']}", "--train=false", "--num_trials=2",
+                         f"--checkpoint={pattern}", "--eval_size=8")
+    logits = sum(checkpoints.load_model(pattern.format(trial))(data["test_images"]).numpy()
+                 for trial in range(2))
+    expected = int(np.sum(np.argmax(logits, axis=1) != data["test_labels"]))
+    assert result.wrong == expected == report(stdout)["wrong"]
+    assert result.total == 8
+
+
+def test_export_of_a_distort_run_gives_the_same_logits(data, tmp_path):
+    run(f"--data_dir={data['dir']}", f"--summary_dir={tmp_path}", "--max_steps=2",
+        "--batch_size=4", f"--hparams_override={SMALL}", "--distort")
+    checkpoint = str(tmp_path / "train" / "model.ckpt-2")
+    prefix = export_weights(checkpoint, str(tmp_path / "shipped"))
+    assert prefix == str(tmp_path / "shipped" / "model.ckpt-2")
+    assert not any("optimizer" in name for name, _ in tf.train.list_variables(prefix))
+    exported, trained = checkpoints.load_model(prefix), checkpoints.load_model(checkpoint)
+    assert exported.image_shape == (24, 24, 1)
+    images = data["test_images"][:, 2:26, 2:26]  # the central crops
+    np.testing.assert_array_equal(exported(images).numpy(), trained(images).numpy())
+    assert checkpoints.read_run_file(prefix).flags["distort"] is True
+    # Evaluated without --distort, the 28x28 test images do not fit: one line says why.
+    with pytest.raises(UsageError, match=r"takes 24x24x1 images .* --distort=false gives "
+                                         r"28x28x1"):
+        run(f"--data_dir={data['dir']}", "--train=false", f"--checkpoint={prefix}")
+    result, _ = run(f"--data_dir={data['dir']}", "--train=false", f"--checkpoint={prefix}",
+                    "--distort", "--eval_size=8")
+    expected = np.sum(np.argmax(trained(images).numpy(), axis=1) != data["test_labels"])
+    assert result.wrong == expected
+
+
 # ---- bad input ----------------------------------------------------------------------------
 
 def _bad_input_cases():
-    """(id, args(context), strings the error line names); context: data, checkpoint, tmp."""
+    """(id, args(context), strings the error names); context: data, checkpoint, tmp."""
     def trained(*args):
         return lambda c: [f"--data_dir={c['data']}", f"--summary_dir={c['tmp'] / 'run'}", *args]
 
@@ -380,15 +464,11 @@ def _bad_input_cases():
 
     missing = "missing"  # an empty data directory
     return [
-        ("dataset", lambda c: ["--dataset=imagenet"], ["--dataset=imagenet",
-                                                       "mnist|norb|cifar10"]),
-        ("model", lambda c: ["--model=resnet"], ["--model=resnet", "capsule|baseline"]),
-        ("num_targets", lambda c: ["--num_targets=3"], ["--num_targets=3", "[1, 2]"]),
         ("hparams_malformed", trained("--hparams_override=routing"),
          ["--hparams_override", "'routing'", "key=value"]),
         ("hparams_unknown_key", trained("--hparams_override=routing=2,routingz=3"),
          ["--hparams_override", "'routingz'", "allowed: ", "num_prime_capsules", "routing"]),
-        ("hparams_bad_value", trained("--hparams_override=routing=three"),
+        ("hparams_bad_value", evaluated("--hparams_override=routing=three"),
          ["--hparams_override", "routing='three'", "expected int"]),
         ("missing_train_data",
          lambda c: [f"--data_dir={c['tmp'] / missing}", f"--summary_dir={c['tmp'] / 'run'}"],
@@ -413,6 +493,10 @@ def _bad_input_cases():
         ("num_gpus", trained("--num_gpus=2"), ["--num_gpus=2", "this machine has 0 GPU"]),
         ("num_trials_without_pattern", evaluated("--num_trials=2"),
          ["--num_trials", "--checkpoint", "{}"]),
+        ("random_shift_cifar10", trained("--dataset=cifar10", "--random_shift=2"),
+         ["random_shift=2", "single-digit mnist"]),
+        ("checkpoint_of_other_data", evaluated("--num_targets=2"),
+         ["takes 28x28x1 images", "--num_targets=2", "36x36x1"]),
     ]
 
 
@@ -421,14 +505,58 @@ BAD_INPUT_CASES = _bad_input_cases()
 
 @pytest.mark.parametrize("make_args, expected", [case[1:] for case in BAD_INPUT_CASES],
                          ids=[case[0] for case in BAD_INPUT_CASES])
-def test_bad_input_is_one_line_naming_the_flag_without_traceback(data, first_run, tmp_path,
-                                                                 make_args, expected):
+def test_bad_input_is_a_usage_error_naming_the_flag(data, first_run, tmp_path, make_args,
+                                                   expected):
     if "--num_gpus=2" in expected and tf.config.list_physical_devices("GPU"):
         pytest.skip("this machine has GPUs")
     (tmp_path / "missing").mkdir()
-    context = {"data": data["dir"], "checkpoint": first_run["train_dir"] / "model.ckpt-3",
+    context = {"data": data["dir"], "checkpoint": first_run["checkpoints"][-1],
                "tmp": tmp_path}
-    line = error_line(experiment(*make_args(context)))
+    with pytest.raises(UsageError) as error:
+        run(*make_args(context))
+    message = str(error.value)
+    assert "\n" not in message, message
+    for text in expected:
+        assert text.replace("{tmp}", str(tmp_path)) in message, message
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+# ---- the command line ---------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, expected", [
+    (["--dataset=imagenet"], ["--dataset=imagenet", "mnist|norb|cifar10"]),
+    (["--num_targets=3"], ["--num_targets=3", "[1, 2]"]),
+    (["--data_dir={tmp}", "--train=false", "--checkpoint={tmp}/model.ckpt-7"],
+     ["checkpoint {tmp}/model.ckpt-7 not found"]),
+    (["--summary_dir={tmp}/run", "--hparams_override=routingz=3"],
+     ["--hparams_override", "'routingz'"]),
+], ids=["enum_flag", "bounded_flag", "missing_checkpoint", "hparams_override"])
+def test_command_line_error_is_one_line_with_exit_code_1(tmp_path, args, expected):
+    result = experiment_cli(*(arg.replace("{tmp}", str(tmp_path)) for arg in args))
+    line = error_line(result)
+    assert result.returncode == 1
     for text in expected:
         assert text.replace("{tmp}", str(tmp_path)) in line, line
-    assert not (tmp_path / "run").exists()  # nothing written
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_command_line_keeps_the_traceback_of_what_is_no_usage_error(first_run, tmp_path):
+    (tmp_path / record_name("test", 0)).write_bytes(b"not a record file")
+    result = experiment_cli(f"--data_dir={tmp_path}", "--train=false",
+                            f"--checkpoint={first_run['checkpoints'][-1]}")
+    assert result.returncode == 1
+    assert "Traceback (most recent call last)" in result.stderr, result.stderr[-3000:]
+    assert ERROR_PREFIX not in result.stderr
+
+
+@pytest.mark.slow
+def test_command_line_trains_and_evaluates(data, tmp_path):
+    experiment_cli(f"--data_dir={data['dir']}", f"--summary_dir={tmp_path}", "--max_steps=1",
+                   "--batch_size=4", f"--hparams_override={SMALL}", check=True)
+    checkpoint = tmp_path / "train" / "model.ckpt-1"
+    result = experiment_cli(f"--data_dir={data['dir']}", "--train=false",
+                            f"--checkpoint={checkpoint}", "--eval_size=5", check=True)
+    assert report(result.stdout)["wrong"] == wrong_count(
+        str(checkpoint), data["test_images"][:5], data["test_labels"][:5])

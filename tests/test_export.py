@@ -15,8 +15,7 @@ def test_export_keeps_weights_and_drops_optimizer_state(tmp_path):
     model.optimizer.build(model.trainable_variables)
     train_dir = tmp_path / "train"
     train_dir.mkdir()
-    training.write_json_atomically(str(train_dir / checkpoints.HPARAMS_FILE),
-                                   {"hparams": hparams.to_dict()})
+    checkpoints.write_run_file(str(train_dir), model, {"seed": 3})
     saved = training.checkpoint_manager(model, str(train_dir)).save(checkpoint_number=7)
 
     prefix = export_weights(saved, str(tmp_path / "shipped"))
@@ -26,8 +25,8 @@ def test_export_keeps_weights_and_drops_optimizer_state(tmp_path):
     assert not any("optimizer" in name for name in names)
     assert any("decoder/recons_3" in name for name in names)
 
-    restored = CapsNet(checkpoints.saved_hparams(prefix))
-    checkpoints.restore_weights(restored, prefix)
+    assert checkpoints.read_run_file(prefix).flags == {"seed": 3}
+    restored = checkpoints.load_model(prefix)
     images = np.random.default_rng(0).random((2, 28, 28, 1)).astype(np.float32)
     np.testing.assert_array_equal(restored(images).numpy(), model(images).numpy())
     np.testing.assert_array_equal(restored.reconstruct(images, [1, 2]).numpy(),
@@ -35,7 +34,7 @@ def test_export_keeps_weights_and_drops_optimizer_state(tmp_path):
 
     # A compiled (and trained-on) model takes the weights-only checkpoint's weights; its
     # optimizer, which the checkpoint does not hold, keeps its state.
-    compiled = CapsNet(checkpoints.saved_hparams(prefix))
+    compiled = CapsNet(checkpoints.read_run_file(prefix).hparams)
     compiled.compile()
     compiled.optimizer.build(compiled.trainable_variables)
     compiled.optimizer.iterations.assign(3)

@@ -14,6 +14,7 @@ import tensorflow as tf
 import input_data
 from input_data import transforms
 from input_data.mnist import idx, mnist_shift
+from input_data.mnist.record_names import record_name
 from input_data.records import bytes_feature, int64_feature
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,10 +130,10 @@ def test_split_ranges_and_file_names(tmp_path):
     assert first_index("train") == (60000, 0)
     assert first_index("valid_train") == (50000, 10000)
     assert first_index("valid_test") == (10000, 0)
-    assert mnist_shift.record_name("train", 2) == "train_2shifted_mnist.tfrecords"
-    assert mnist_shift.record_name("valid_train", 2) == "train_2shifted_mnist_valid.tfrecords"
-    assert mnist_shift.record_name("valid_test", 0) == "test_0shifted_mnist_valid.tfrecords"
-    assert mnist_shift.record_name("test", 4, True) == "multitest_4shifted_mnist.tfrecords"
+    assert record_name("train", 2) == "train_2shifted_mnist.tfrecords"
+    assert record_name("valid_train", 2) == "train_2shifted_mnist_valid.tfrecords"
+    assert record_name("valid_test", 0) == "test_0shifted_mnist_valid.tfrecords"
+    assert record_name("test", 4, True) == "multitest_4shifted_mnist.tfrecords"
 
 
 def test_generator_errors(tmp_path):
@@ -156,7 +157,7 @@ def unshifted(tmp_path_factory):
     images, labels = digits(10, seed=2), np.arange(10, dtype=np.uint8)
     for split in ("train", "test"):
         mnist_shift.write_single(images, labels,
-                                 str(data_dir / mnist_shift.record_name(split, 0)), 0, 0)
+                                 str(data_dir / record_name(split, 0)), 0, 0)
     return data_dir, images
 
 
@@ -216,9 +217,9 @@ def test_rotate_turns_counterclockwise_about_the_centre():
 
 def test_validate_reads_the_valid_files(tmp_path):
     images = digits(5)
-    mnist_shift.write_single(images[:3], np.arange(3), str(tmp_path / mnist_shift.record_name(
+    mnist_shift.write_single(images[:3], np.arange(3), str(tmp_path / record_name(
         "valid_test", 0)), 0, 0)
-    mnist_shift.write_single(images, np.arange(5), str(tmp_path / mnist_shift.record_name(
+    mnist_shift.write_single(images, np.arange(5), str(tmp_path / record_name(
         "test", 0)), 0, 0)
     valid = collect(input_data.inputs("mnist", "test", str(tmp_path), 8, validate=True))
     np.testing.assert_array_equal(valid["images"], scaled(images[:3]))

@@ -1,5 +1,8 @@
-"""The CapsNet shipped in checkpoints/mnist: weights only, complete, and it reads digits."""
+"""The CapsNet shipped in checkpoints/mnist: weights only, complete, rebuilt from its path
+alone, and it reads digits."""
 
+import contextlib
+import io
 import os
 from pathlib import Path
 
@@ -7,8 +10,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import experiment
 import input_data
-from capsules import CapsNet, checkpoints
+from capsules import CapsNet, checkpoints, default_hparams
+from input_data.mnist import mnist_shift
+from input_data.mnist.record_names import record_name
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "mnist"
 
@@ -17,9 +23,7 @@ SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "mnist"
 def shipped():
     prefix = tf.train.latest_checkpoint(str(SHIPPED))
     assert prefix, f"no checkpoint in {SHIPPED}"
-    model = CapsNet(checkpoints.saved_hparams(prefix))
-    checkpoints.restore_weights(model, prefix)
-    return prefix, model
+    return prefix, checkpoints.load_model(prefix)
 
 
 def test_weights_only_and_under_40_mb(shipped):
@@ -30,6 +34,39 @@ def test_weights_only_and_under_40_mb(shipped):
     assert size < 40 * 2**20
     # Every weight of the model, decoder included, is in the checkpoint (none at its init).
     assert not np.allclose(model.decoder.recons_3.bias.numpy(), 0.1)
+
+
+def test_run_file_rebuilds_the_trained_model(shipped):
+    prefix, model = shipped
+    run = checkpoints.read_run_file(prefix)
+    assert run.model == "capsule" and run.config["input_shape"] == [28, 28, 1]
+    assert run.hparams == default_hparams().replace(loss_form="paper")
+    assert run.flags["random_shift"] == 2
+    assert isinstance(model, CapsNet) and model.hparams == run.hparams
+
+
+def test_load_model_gives_the_logits_of_experiments_evaluation(shipped, tmp_path):
+    prefix, model = shipped
+    rng = np.random.default_rng(0)
+    pixels = np.zeros((4, 28, 28), np.uint8)
+    for i, (top, left) in enumerate(rng.integers(4, 12, (4, 2))):
+        pixels[i, top:top + 14, left + 6:left + 9] = 255  # a bar: a 1 of sorts
+    mnist_shift.write_single(pixels, np.arange(4), str(tmp_path / record_name("test", 0)), 0,
+                             0)
+    config = experiment.parse_config([f"--data_dir={tmp_path}", "--train=false",
+                                      f"--checkpoint={prefix}", "--eval_size=4"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = experiment.run(config)
+    images = pixels[..., None].astype(np.float32) * np.float32(1 / 255)
+    logits = model(images).numpy()
+    assert result.wrong == int(np.sum(np.argmax(logits, axis=1) != np.arange(4)))
+    # The model experiment.py evaluates, and one built by hand from the shipped hparams.
+    batch = next(iter(input_data.inputs("mnist", "test", str(tmp_path), 4)))
+    np.testing.assert_array_equal(batch["images"].numpy(), images)
+    by_hand = CapsNet(default_hparams().replace(loss_form="paper"))
+    checkpoints.restore_weights(by_hand, prefix)
+    np.testing.assert_array_equal(logits, by_hand(images).numpy())
+    np.testing.assert_array_equal(logits, experiment._load_model(config, prefix)(images).numpy())
 
 
 def test_reads_the_reference_test_records(shipped, official_testdata):

@@ -1,11 +1,9 @@
 """The reference's TF1 checkpoints: written here with tf.compat.v1 under the reference's
 names, restored into CapsNet / ConvBaseline, compared with a NumPy forward pass of the
-reference's equations; the ensemble through experiment.py; the errors."""
+reference's equations; the ensemble through experiment.run; load_model; the errors."""
 
-import os
-import re
-import subprocess
-import sys
+import contextlib
+import io
 from pathlib import Path
 
 import keras
@@ -13,13 +11,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import experiment
+import input_data
 from capsules import checkpoints, tf1_checkpoint
+from capsules.errors import UsageError
 from capsules.hparams import HParams
 from capsules.models import CapsNet, ConvBaseline
 from input_data.records import bytes_feature, int64_feature
 from tests import tf1_reference as ref
 
-ROOT = Path(__file__).resolve().parents[1]
 MNIST_SHAPE = (28, 28, 1)
 CIFAR_SHAPE = (24, 24, 3)
 CIFAR_HPARAMS = HParams(num_prime_capsules=64, padding="SAME", leaky=True, remake=False)
@@ -128,15 +128,26 @@ def test_ensemble_of_two_tf1_checkpoints_through_experiment(mnist_trials, tmp_pa
                          .SerializeToString())
     trial0 = Path(mnist_trials[0][0])
     pattern = str(trial0.parent.parent / "trial{}" / trial0.name)
-    result = subprocess.run(
-        [sys.executable, "experiment.py", "--train=false", "--num_trials=2",
-         f"--checkpoint={pattern}", f"--data_dir={data_dir}"],
-        cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), capture_output=True,
-        text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    wrong = re.search(r"Total wrong predictions: (\d+), wrong percent", result.stdout)
-    assert wrong, result.stdout
-    assert int(wrong.group(1)) == expected_wrong
+    config = experiment.parse_config(["--train=false", "--num_trials=2",
+                                      f"--checkpoint={pattern}", f"--data_dir={data_dir}"])
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        result = experiment.run(config)
+    assert result.wrong == expected_wrong
+    assert f"Total wrong predictions: {expected_wrong}, wrong percent" in stdout.getvalue()
+
+
+def test_load_model_of_a_tf1_checkpoint_takes_the_model_and_the_data(mnist_trials):
+    prefix, weights = mnist_trials[0]
+    with pytest.raises(UsageError, match=r"no run file hparams.json .* give the model and the "
+                                         r"dataset_info"):
+        checkpoints.load_model(prefix)
+    with pytest.raises(UsageError, match=r"give the dataset_info \("):
+        checkpoints.load_model(prefix, model="capsule")
+    model = checkpoints.load_model(prefix, model="capsule",
+                                   dataset_info=input_data.dataset_info("mnist"))
+    images = np.random.default_rng(14).random((2, *MNIST_SHAPE), dtype=np.float32)
+    expected = lengths(ref.capsnet_forward(weights, images, 32, "VALID", leaky=False))
+    assert relative_difference(model(images), expected) < RTOL
 
 
 def test_cifar10_checkpoint_in_a_default_capsnet_names_the_override(cifar_trial):

@@ -10,11 +10,11 @@ import tensorflow as tf
 from PIL import Image
 
 from capsules import visualize
-from capsules.checkpoints import HPARAMS_FILE
+from capsules.checkpoints import write_run_file
 from capsules.hparams import default_hparams
 from capsules.models import CapsNet
-from capsules.training import write_json_atomically
 from input_data.mnist import mnist_shift
+from input_data.mnist.record_names import record_name
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABELS = np.array([7, 2, 1, 0, 4, 1], np.uint8)
@@ -30,11 +30,11 @@ def tiny_digits() -> np.ndarray:
 
 def save_tiny_capsnet(directory, size: int, remake: bool = True) -> str:
     """A random CapsNet on size x size x 1 images saved as directory/model.ckpt-1, with its
-    hparams.json (1 primary capsule type: the checkpoint only fits with the saved hparams)."""
+    run file (1 primary capsule type: the checkpoint only fits with the saved hparams)."""
     hparams = default_hparams().replace(num_prime_capsules=1, routing=1, remake=remake)
     model = CapsNet(hparams, input_shape=(size, size, 1), num_targets=1 if size == 28 else 2)
     os.makedirs(directory, exist_ok=True)
-    write_json_atomically(os.path.join(directory, HPARAMS_FILE), {"hparams": hparams.to_dict()})
+    write_run_file(directory, model)
     return tf.train.Checkpoint(model=model).save(os.path.join(directory, "model.ckpt"))
 
 
@@ -64,8 +64,8 @@ def workspace(tmp_path_factory):
     data_dir = root / "mnist"
     data_dir.mkdir()
     mnist_shift.write_single(tiny_digits(), LABELS,
-                             str(data_dir / mnist_shift.record_name("test", 0)), 0, 0)
-    prefix = str(data_dir / mnist_shift.record_name("test", 4, multi_targets=True))
+                             str(data_dir / record_name("test", 0)), 0, 0)
+    prefix = str(data_dir / record_name("test", 4, multi_targets=True))
     names = mnist_shift.write_multi(tiny_digits(), LABELS, prefix, 4, 4, 1, 0, 0)
     write_events(str(root / "summaries"))
     return {
