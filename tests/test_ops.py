@@ -1,18 +1,12 @@
 """capsules.ops against the NumPy statement of the reference's equations."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from capsules import ops
 from tests import reference_numpy as ref
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.capsule_ops import plain_update_routing  # noqa: E402
+from tests.reference_tf import plain_update_routing
 
 RTOL = 1e-5
 
