@@ -64,6 +64,7 @@ def test_patch_conv2d_values_and_gradients_equal_conv2d(
         np.testing.assert_allclose(ours.numpy(), plain.numpy(), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_patch_conv2d_with_unknown_batch_in_tf_function_and_xla():
     kernel = tf.constant(_random((5, 5, 4, 6), 4))
     spec = tf.TensorSpec([None, 12, 12, 4], tf.float32)

@@ -265,6 +265,7 @@ def test_training_writes_scalar_and_image_summaries(first_run):
     assert [rates[step] / rates[1] for step in (2, 3)] == pytest.approx([0.5, 0.25], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_rerun_resumes_at_the_latest_checkpoint_with_the_optimizer_step(first_run,
                                                                         resumed_run):
     train_dir = first_run["train_dir"]
@@ -372,6 +373,7 @@ def test_mixed_bfloat16_trains_float32_weights_and_evaluates(data, tmp_path):
     assert result.total == 5
 
 
+@pytest.mark.slow
 def test_multimnist_training_and_evaluation_print_the_almost_line(data, tmp_path):
     args = [f"--data_dir={data['multi']}", "--num_targets=2"]
     run(*args, f"--summary_dir={tmp_path}", "--max_steps=1", "--batch_size=4",
@@ -412,6 +414,7 @@ def test_evaluation_watches_summary_dir_and_writes_test_summaries(data, first_ru
     assert set(tags["almost_wrong_prediction"]) == {5}
 
 
+@pytest.mark.slow
 def test_ensemble_takes_each_trials_model_from_its_run_file(data, tmp_path):
     # Trials of 1 primary capsule type: only their run files make them restorable, since
     # the flags of the evaluation give no --hparams_override.
@@ -429,6 +432,7 @@ def test_ensemble_takes_each_trials_model_from_its_run_file(data, tmp_path):
     assert result.total == 8
 
 
+@pytest.mark.slow
 def test_export_of_a_distort_run_gives_the_same_logits(data, tmp_path):
     run(f"--data_dir={data['dir']}", f"--summary_dir={tmp_path}", "--max_steps=2",
         "--batch_size=4", f"--hparams_override={SMALL}", "--distort")

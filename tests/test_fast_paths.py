@@ -46,6 +46,7 @@ def test_reference_formulation_gives_the_package_logits(routing, leaky):
                                atol=1e-5)
 
 
+@pytest.mark.slow
 def test_reference_formulation_gives_the_package_class_capsules_and_gradients():
     package, reference = _twin_models(3, False, remake=True)
     images, labels = _images(2, seed=1), np.array([3, 7], np.int32)
@@ -82,6 +83,7 @@ def test_flops_counted_from_the_layer_shapes():
     }
 
 
+@pytest.mark.slow
 def test_capsule_ops_benchmark_runs_and_its_pairs_agree():
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "capsule_ops.py"
     result = subprocess.run([sys.executable, str(script), "--batch_sizes=3", "--repeats=1"],

@@ -83,6 +83,7 @@ def find_shift(image: np.ndarray, source: np.ndarray, max_shift: int) -> tuple[i
 
 # ---- the generator, single digits --------------------------------------------------------
 
+@pytest.mark.slow
 def test_generator_cli_writes_every_shift_in_reference_order(tmp_path):
     train_x, test_x = digits(3), digits(4, seed=1)
     write_idx(tmp_path, (train_x, np.array([5, 0, 4], np.uint8)),
@@ -174,6 +175,7 @@ def test_random_shift_moves_each_image_within_range(unshifted):
     assert len(shifts) > 10  # independent draws, not one shift for all
 
 
+@pytest.mark.slow
 def test_training_is_reproducible_with_a_seed(unshifted):
     data_dir, _ = unshifted
 
@@ -258,6 +260,7 @@ def test_multi_generator_pairs_shards_and_merges(tmp_path):
         np.testing.assert_array_equal(same_base[0], same_base[-1])
 
 
+@pytest.mark.slow
 def test_multi_generator_cli_and_reader(tmp_path):
     write_idx(tmp_path, (digits(4), np.array([1, 2, 3, 4], np.uint8)),
               (digits(6, seed=4), np.array([7, 2, 1, 0, 4, 1], np.uint8)))
@@ -394,6 +397,7 @@ def test_dataset_info():
         info("cifar10", num_targets=2)
 
 
+@pytest.mark.slow
 def test_tensorflow_datasets_source():
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=6):

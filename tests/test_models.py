@@ -40,6 +40,7 @@ def test_baseline_count_from_its_layers():
     assert ConvBaseline().count_params() == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", ["", "leaky=true,routing=1"])
 def test_capsnet_logits_match_numpy_forward_pass(overrides):
     model = CapsNet(parse_overrides(default_hparams(), overrides + ",remake=false" if overrides
@@ -95,6 +96,7 @@ def test_loss_is_the_references(loss_form):
     np.testing.assert_allclose(results["loss"].numpy(), margin + reconstruction, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_targets_reconstruct_both_with_shared_weights():
     model = _small()
     model = CapsNet(model.hparams, input_shape=(12, 12, 1), num_classes=5, num_targets=2)
@@ -136,6 +138,7 @@ def test_default_optimizer_is_the_references():
         np.testing.assert_allclose(float(schedule(step)), want, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zeros", [False, True])
 def test_fit_lowers_the_loss_without_nan(zeros):
     keras.utils.set_random_seed(0)
@@ -151,6 +154,7 @@ def test_fit_lowers_the_loss_without_nan(zeros):
     assert all(np.all(np.isfinite(w)) for w in model.get_weights())
 
 
+@pytest.mark.slow
 def test_fit_accepts_k_hot_labels_and_feature_dicts():
     model = _small()
     model.compile()
@@ -162,6 +166,7 @@ def test_fit_accepts_k_hot_labels_and_feature_dicts():
     assert model.evaluate(tf.data.Dataset.from_tensors(features), verbose=0, return_dict=True)
 
 
+@pytest.mark.slow
 def test_xla_training_step_matches_the_plain_one():
     plain, compiled = _small(), _small()
     compiled.set_weights(plain.get_weights())
@@ -209,6 +214,7 @@ def test_tf_checkpoint_round_trip(tmp_path):
     np.testing.assert_array_equal(other(images).numpy(), model(images).numpy())
 
 
+@pytest.mark.slow
 def test_baseline_trains_and_flattens_depth_major():
     model = ConvBaseline(default_hparams().replace(loss_type="softmax", padding="SAME"),
                          input_shape=(12, 12, 2), num_classes=3)
@@ -260,6 +266,7 @@ def test_mixed_bfloat16_routes_in_float32_close_to_float32(leaky, mixed_bfloat16
     assert not np.array_equal(logits.numpy(), expected)  # the convolutions did run in bf16
 
 
+@pytest.mark.slow
 def test_mixed_bfloat16_trains_and_shares_checkpoints_with_float32(tmp_path, mixed_bfloat16):
     keras.utils.set_random_seed(0)
     mixed = _small()

@@ -114,6 +114,7 @@ def test_update_routing_gradient_equals_autodiff_of_the_plain_loop(shape, num_ro
         np.testing.assert_allclose(ours.numpy(), plain.numpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_update_routing_compiles_with_xla():
     votes, biases = _random((2, 3, 6, 4), 10), np.zeros((3, 4), np.float32)
     compiled = tf.function(lambda v: ops.update_routing(v, biases, 3), jit_compile=True)
@@ -121,6 +122,7 @@ def test_update_routing_compiles_with_xla():
                                ops.update_routing(votes, biases, 3).numpy(), rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("leaky", [False, True])
 def test_update_routing_gradient_compiles_with_xla(leaky):
     votes, biases = tf.constant(_random((2, 3, 6, 4), 11)), tf.zeros([3, 4])

@@ -79,6 +79,7 @@ def test_mnist_capsnet_computes_the_reference_logits_and_reconstructions(
     assert relative_difference(pixels, ref.decoder_forward(weights, capsules, labels)) < RTOL
 
 
+@pytest.mark.slow
 def test_cifar10_capsnet_through_restore_weights(cifar_trial):
     prefix, weights = cifar_trial
     model = CapsNet(CIFAR_HPARAMS, input_shape=CIFAR_SHAPE)
@@ -89,6 +90,7 @@ def test_cifar10_capsnet_through_restore_weights(cifar_trial):
     assert relative_difference(model(images), expected) < RTOL
 
 
+@pytest.mark.slow
 def test_baseline_with_uniquified_names(tmp_path):
     weights = ref.baseline_weights(np.random.default_rng(3), MNIST_SHAPE, "VALID")
     # Made outside a tower's name scope, TF1 uniquifies the names: conv1/weights_1.
@@ -103,6 +105,7 @@ def test_baseline_with_uniquified_names(tmp_path):
     assert relative_difference(model(images), expected) < RTOL
 
 
+@pytest.mark.slow
 def test_ensemble_of_two_tf1_checkpoints_through_experiment(mnist_trials, tmp_path):
     rng = np.random.default_rng(13)
     pixels = rng.integers(0, 256, (6, 28, 28), dtype=np.uint8)
@@ -150,6 +153,7 @@ def test_load_model_of_a_tf1_checkpoint_takes_the_model_and_the_data(mnist_trial
     assert relative_difference(model(images), expected) < RTOL
 
 
+@pytest.mark.slow
 def test_cifar10_checkpoint_in_a_default_capsnet_names_the_override(cifar_trial):
     prefix, _ = cifar_trial
     model = CapsNet(input_shape=CIFAR_SHAPE)  # forgot the CIFAR10 hparams

@@ -87,6 +87,7 @@ def single_pictures(workspace):
     return out, paths
 
 
+@pytest.mark.slow
 def test_single_digit_pictures_are_written_with_their_sizes(single_pictures):
     out, paths = single_pictures
     assert sorted(os.path.basename(p) for p in paths) == sorted(
@@ -98,6 +99,7 @@ def test_single_digit_pictures_are_written_with_their_sizes(single_pictures):
     assert pixel_size(out / visualize.CURVES) == (1200, 800)
 
 
+@pytest.mark.slow
 def test_multimnist_pictures_are_written_with_their_sizes(workspace):
     out = workspace["root"] / "multi_out"
     paths = visualize.write_pictures(
@@ -164,6 +166,7 @@ def test_missing_inputs_raise_clear_errors(workspace, tmp_path):
         visualize.write_pictures(out, summary_dir=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_command_line_prints_a_one_line_error(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "capsules.visualize", f"--checkpoint={tmp_path}/model.ckpt-1",
