@@ -7,14 +7,11 @@ few pieces of the batch at a time. Its gradient keeps the patches: the
 kernel's gradient is patches^T x d_output, one more matrix product, instead of
 a backward-filter convolution; the input's gradient is conv2d's own.
 
-`python benchmarks/capsule_ops.py` on a 2-core AVX-512 CPU (TF 2.21, oneDNN), the
-primary capsules' 9x9 stride-2 convolution at batch 128 (20x20x256 -> 6x6x256), best
-of 5, patch_conv2d against tf.nn.conv2d: forward 240 ms against 322, forward and
-kernel gradient 471 against 642, forward and both gradients 811 against 1022. The
-matrix products run at the machine's matmul speed (~210 GFLOP/s), oneDNN's
-backward-filter convolution at ~137. The cost is memory while training: the
+Why: on CPU the matrix products run at the machine's matmul speed, faster than
+oneDNN's backward-filter convolution (timings: benchmarks/README.md,
+`python benchmarks/capsule_ops.py`). The cost is memory while training: the
 patches, kernel_size^2 / strides^2 times the input (7.3x for the primary
-capsules, 382 MB at batch 128), live from the forward to the backward pass.
+capsules), live from the forward to the backward pass.
 """
 
 from __future__ import annotations
@@ -24,9 +21,7 @@ import tensorflow as tf
 
 # The batch is cut into this many pieces, each gathered and multiplied on its own:
 # a piece's gather overlaps another's matmul, and its patches are written and read
-# back while still warm. Measured once while choosing, batch 128 (primary capsules):
-# forward 246 ms in 4 pieces, 265 ms in 1 (tf.nn.conv2d 313 ms); forward and kernel
-# gradient 498 ms in 4 pieces, 932 ms in 1 (conv2d and backward-filter 670 ms).
+# back while still warm (4 against 1: benchmarks/README.md).
 _PIECES = 4
 
 
