@@ -52,6 +52,10 @@ def define_flags(values: flags.FlagValues = FLAGS) -> None:
     enum("dataset", "mnist", ["mnist", "norb", "cifar10"], "The dataset to use.")
     integer("num_gpus", 1, "Number of GPUs to train on (testing uses one device).",
             lower_bound=0)
+    integer("local_workers", 0,
+            "Run this command as N workers of a cluster on this machine (TF_CONFIG on free "
+            "loopback ports; output prefixed by task index). See README 'Training on several "
+            "machines'.", lower_bound=0)
     integer("num_targets", 1, "Number of targets to detect (1 or 2).", lower_bound=1,
             upper_bound=2)
     integer("num_trials", 1, "Number of trials for ensemble evaluation.", lower_bound=1)
@@ -79,6 +83,10 @@ def define_flags(values: flags.FlagValues = FLAGS) -> None:
             "Keras' 'mixed_bfloat16' policy: convolutions and votes in bfloat16, routing, "
             "lengths, decoder and losses in float32, weights float32 (checkpoints unchanged). "
             "Faster training on a CPU with AVX512-BF16 (benchmarks/README.md).")
+    flags.register_multi_flags_validator(
+        ["local_workers", "train"], lambda flag: flag["train"] or not flag["local_workers"],
+        message="--local_workers is for training; evaluation runs in one process",
+        flag_values=values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +100,7 @@ class Config:
     model: str
     dataset: str
     num_gpus: int
+    local_workers: int
     num_targets: int
     num_trials: int
     save_step: int
@@ -130,7 +139,8 @@ def _dataset_info(config: Config):
     return input_data.dataset_info(config.dataset, config.num_targets, config.distort)
 
 
-def _inputs(config: Config, split: str, batch_size: int, repeat: bool = False):
+def _inputs(config: Config, split: str, batch_size: int, repeat: bool = False,
+            shard: tuple[int, int] | None = None):
     import input_data
 
     if not config.data_dir:
@@ -139,19 +149,19 @@ def _inputs(config: Config, split: str, batch_size: int, repeat: bool = False):
         config.dataset, split, config.data_dir, batch_size, num_targets=config.num_targets,
         validate=config.validate, distort=config.distort,
         random_shift=config.random_shift if split == "train" else 0, repeat=repeat,
-        seed=config.seed,
+        seed=config.seed, shard=shard,
     )
 
 
 def _strategy(config: Config):
-    import tensorflow as tf
+    """MultiWorkerMirroredStrategy under TF_CONFIG, else MirroredStrategy for --num_gpus > 1."""
+    from capsules import distribute
 
-    if config.num_gpus <= 1:
-        return tf.distribute.get_strategy()
-    gpus = tf.config.list_physical_devices("GPU")
-    if len(gpus) < config.num_gpus:
-        raise UsageError(f"--num_gpus={config.num_gpus}: this machine has {len(gpus)} GPU(s)")
-    return tf.distribute.MirroredStrategy([f"/gpu:{i}" for i in range(config.num_gpus)])
+    try:
+        return distribute.strategy_from_environment(config.num_gpus)
+    except UsageError as error:  # about TF_CONFIG or num_gpus=N
+        message = str(error)
+        raise UsageError(message if message.startswith("TF_CONFIG") else f"--{message}") from None
 
 
 def _load_model(config: Config, checkpoint: str):
@@ -198,19 +208,24 @@ def _test_result(config: Config, checkpoint: str):
 
 def run_training(config: Config) -> int:
     """Trains --model on --dataset to --max_steps in summary_dir/train; returns the last step."""
-    from capsules import training
+    from capsules import distribute, training
     from capsules.hparams import default_hparams, parse_overrides
     from capsules.models import build_model
 
     if not config.summary_dir:
         raise UsageError("--summary_dir is required for training")
+    strategy = _strategy(config)  # before any other TensorFlow op
     hparams = parse_overrides(default_hparams(), config.hparams_override)
-    strategy = _strategy(config)
     with strategy.scope():
         model = build_model(config.model, hparams, _dataset_info(config))
         model.compile()
     print(f"total_params: {model.count_params()}")
-    dataset = _inputs(config, "train", config.batch_size, repeat=True)
+    try:
+        dataset = distribute.distributed_inputs(
+            strategy, lambda batch_size, shard: _inputs(config, "train", batch_size, True, shard),
+            config.batch_size)
+    except UsageError as error:  # batch_size=N not split evenly
+        raise UsageError(f"--{error}") from None
     return training.train(
         model, dataset, os.path.join(config.summary_dir, "train"), config.max_steps,
         config.save_step, config.batch_size, strategy=strategy,
@@ -300,14 +315,39 @@ def run(config: Config):
         return run_evaluation(config)
 
 
+def run_local_workers(config: Config) -> int:
+    """This command, without --local_workers, as --local_workers workers on loopback;
+    returns the exit status (`capsules.local_cluster.run_workers`)."""
+    from capsules import local_cluster
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip or arg.startswith("--local_workers="):
+            skip = False
+        elif arg == "--local_workers":
+            skip = True
+        else:
+            args.append(arg)
+    return local_cluster.run_workers([sys.executable, os.path.abspath(__file__), *args],
+                                     config.local_workers)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = Config.from_flags(FLAGS)
+    if config.local_workers:
+        sys.exit(run_local_workers(config))
+    from capsules.distribute import PREEMPTED_EXIT_CODE, Preempted, WorkerLostError
     from capsules.training import NonFiniteLossError
 
     try:
-        run(Config.from_flags(FLAGS))
-    except (UsageError, NonFiniteLossError) as error:  # the project's own; others trace back
+        run(config)
+    except Preempted as stop:
+        print(f"experiment.py: {stop}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE)
+    # The project's own errors; others trace back.
+    except (UsageError, NonFiniteLossError, WorkerLostError) as error:
         print(f"experiment.py: error: {error}", file=sys.stderr)
         sys.exit(1)
 

@@ -16,11 +16,13 @@ import time
 import keras
 import tensorflow as tf
 
+from capsules import distribute
 from capsules import features as keys
 from capsules.checkpoints import write_run_file
 from capsules.models import CapsNet
 
 CHECKPOINT_NAME = "model.ckpt"
+STOP = "stop"  # the step's result telling whether a worker got SIGTERM
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,9 +60,12 @@ def train(
 
     Args:
       model: a compiled CapsNet or ConvBaseline, built under `strategy`'s scope.
-      dataset: repeating dataset of `input_data.inputs` feature dicts.
+      dataset: repeating dataset of `input_data.inputs` feature dicts, or such batches
+        distributed already (`distribute.distributed_inputs`).
       train_dir: checkpoints model.ckpt-STEP, the run file and summaries go here;
         a latest checkpoint found here is restored first (optimizer state and step).
+        Under a multi-worker strategy every worker restores from here and the chief alone
+        writes here (`distribute.write_dir`).
       max_steps: the step to stop at (counted from the first run, as the reference).
       save_step: save a checkpoint every save_step steps (and at the last step).
       batch_size: images per step over all replicas (for the images/s figure).
@@ -69,38 +74,59 @@ def train(
         (`capsules.checkpoints.write_run_file`).
 
     Returns the last step. Raises NonFiniteLossError on a NaN or infinite loss,
-    after which the latest checkpoint in train_dir is the last good one.
+    after which the latest checkpoint in train_dir is the last good one;
+    distribute.Preempted when a worker got SIGTERM (all saved a checkpoint at the step
+    where they stopped); distribute.WorkerLostError when a peer worker stopped.
     """
     strategy = strategy or tf.distribute.get_strategy()
-    os.makedirs(train_dir, exist_ok=True)
-    manager = checkpoint_manager(model, train_dir)
+    with distribute.write_dir(strategy, train_dir) as own_dir:
+        return _train(model, dataset, train_dir, own_dir, max_steps, save_step, batch_size,
+                      strategy, run_flags, verbose)
+
+
+def _train(model, dataset, train_dir, own_dir, max_steps, save_step, batch_size, strategy,
+           run_flags, verbose) -> int:
+    """`train`, writing to own_dir (train_dir on the chief, a temporary one elsewhere)."""
+    chief = distribute.is_chief(strategy)
+    manager = checkpoint_manager(model, own_dir, max_to_keep=None if chief else 1)
     with strategy.scope():
         model.optimizer.build(model.trainable_variables)
-    if manager.latest_checkpoint:
-        manager.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    latest = tf.train.latest_checkpoint(train_dir)
+    if latest:
+        manager.checkpoint.restore(latest).assert_existing_objects_matched()
     step = int(model.optimizer.iterations.numpy())
-    write_run_file(train_dir, model, run_flags)
+    if chief:
+        write_run_file(train_dir, model, run_flags)
     if step >= max_steps:
         return step
 
     @tf.function
-    def distributed_step(features):
-        results = strategy.run(model.optimize_step, args=(features,))
+    def distributed_step(features, stop):
+        def replica_step(features):
+            return {**model.optimize_step(features), STOP: stop}
+
+        results = strategy.run(replica_step, args=(features,))
         return {
             name: strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
             for name, value in results.items()
         }
 
-    writer = tf.summary.create_file_writer(train_dir)
+    writer = tf.summary.create_file_writer(train_dir) if chief else tf.summary.create_noop_writer()
     progress = (
-        keras.utils.Progbar(max_steps, stateful_metrics=["loss", "images/s"]) if verbose else None
+        keras.utils.Progbar(max_steps, stateful_metrics=["loss", "images/s"])
+        if verbose and chief else None
     )
-    batches = iter(strategy.experimental_distribute_dataset(dataset))
-    with writer.as_default():
+    if not isinstance(dataset, tf.distribute.DistributedDataset):
+        dataset = strategy.experimental_distribute_dataset(dataset)
+    batches = iter(dataset)
+    with (writer.as_default(), distribute.StopSignal() as stop_signal,
+          distribute.peer_errors_as_worker_lost(strategy, train_dir)):
         last_time = time.perf_counter()
         while step < max_steps:
             features = next(batches)
-            scalars = {name: float(value) for name, value in distributed_step(features).items()}
+            results = distributed_step(features, tf.constant(float(stop_signal.requested)))
+            scalars = {name: float(value) for name, value in results.items()}
+            stop = scalars.pop(STOP) > 0
             if not math.isfinite(scalars["loss"]):
                 raise NonFiniteLossError(
                     f"loss is {scalars['loss']} at step {step + 1}; training stopped, the last "
@@ -112,9 +138,9 @@ def train(
             tf.summary.scalar(
                 "learning_rate", model.optimizer.learning_rate.numpy(), step=step
             )
-            if step % save_step == 0 or step == max_steps:
+            if step % save_step == 0 or step == max_steps or stop:
                 manager.save(checkpoint_number=step)
-                if isinstance(model, CapsNet) and model.decoder is not None:
+                if chief and isinstance(model, CapsNet) and model.decoder is not None:
                     local = strategy.experimental_local_results(features)[0]
                     tf.summary.image(
                         "reconstruction", _reconstruction_summary(model, local), step=step,
@@ -127,5 +153,11 @@ def train(
                 last_time = now
                 progress.update(
                     step, [("loss", scalars["loss"]), ("images/s", images_per_second)]
+                )
+            if stop:
+                raise distribute.Preempted(
+                    f"a worker got SIGTERM: stopped after step {step}, checkpoint "
+                    f"{os.path.join(train_dir, f'{CHECKPOINT_NAME}-{step}')} saved; rerun the "
+                    "same command to resume"
                 )
     return step

@@ -50,14 +50,16 @@ def file_records(files: Sequence[str], read: Callable[[tf.Tensor], tf.data.Datas
 
 
 def build(reader: Reader, records: tf.data.Dataset, batch_size: int, is_training: bool,
-          repeat: bool = False, seed: int | None = None) -> tf.data.Dataset:
+          repeat: bool = False, seed: int | None = None,
+          shard: tuple[int, int] | None = None) -> tf.data.Dataset:
     """Batches of `reader`'s model features from (source name, record) pairs.
 
     Training shuffles the examples and gives every example its own random seed, so with
     `seed` set a new pipeline yields the same batches (each new iteration of one pipeline
     is a new epoch: new order, new transforms). Evaluation keeps the order and never drops a
     partial batch. With `repeat` the data repeats forever (in training a remainder batch
-    is dropped, so every batch has `batch_size` examples).
+    is dropped, so every batch has `batch_size` examples). With `shard` (count, index) only
+    batches index, index + count, ... are kept.
     """
     if batch_size < 1:
         raise UsageError(f"batch_size={batch_size}: expected >= 1")
@@ -76,4 +78,6 @@ def build(reader: Reader, records: tf.data.Dataset, batch_size: int, is_training
         ds = ds.map(lambda name, record: reader.parse_eval(reader.decode(name, record)),
                     num_parallel_calls=autotune, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=is_training and repeat)
+    if shard is not None:
+        ds = ds.shard(*shard)
     return ds.prefetch(autotune)

@@ -17,7 +17,8 @@ from input_data.norb import norb_input_record
 
 def inputs(dataset: str, split: str, data_dir: str, batch_size: int, num_targets: int = 1,
            validate: bool = False, distort: bool = False, random_shift: int = 0,
-           repeat: bool = False, seed: int | None = None) -> tf.data.Dataset:
+           repeat: bool = False, seed: int | None = None,
+           shard: tuple[int, int] | None = None) -> tf.data.Dataset:
     """Batches of feature dicts for training (split='train') or evaluation (split='test').
 
     Args:
@@ -40,6 +41,12 @@ def inputs(dataset: str, split: str, data_dir: str, batch_size: int, num_targets
         Evaluation is never shifted.
       repeat: repeat forever (training loops by step count).
       seed: seed of the shuffles and random transforms (None: nondeterministic).
+      shard: (number of workers, this worker's index) for multi-worker training: this
+        worker's share of the batches. By file when there are at least as many files as
+        workers (files index, index + count, ...; seed + index seeds this worker's
+        shuffles and transforms), otherwise by data: every worker reads all the data and
+        keeps batches index, index + count, ... (with `seed` set, the workers' batches of
+        one step are then the consecutive batches one process reads).
 
     Returns:
       A dataset of dicts, with `info = dataset_info(dataset, num_targets, distort)`:
@@ -63,14 +70,20 @@ def inputs(dataset: str, split: str, data_dir: str, batch_size: int, num_targets
     shift = 0
     if is_training and dataset == "mnist":
         shift = random_shift or (record_names.TRAIN_SHIFT if from_tfds else 0)
+    if shard is not None and not 0 <= shard[1] < shard[0]:
+        raise ValueError(f"shard={shard}: expected (number of workers, index in 0..number - 1)")
     reader = _reader(dataset, num_targets, distort, shift)
     if from_tfds:
         records = tfds_source.records(dataset, split, data_dir, validate, is_training, seed)
         reader = dataclasses.replace(reader, decode=tfds_source.decode)
     else:
         files, read = _files(dataset, split, data_dir, num_targets, validate, shift)
+        if shard is not None and len(files) >= shard[0]:
+            count, index = shard
+            files, shard = files[index::count], None
+            seed = None if seed is None else seed + index
         records = builder.file_records(files, read, is_training, seed)
-    return builder.build(reader, records, batch_size, is_training, repeat, seed)
+    return builder.build(reader, records, batch_size, is_training, repeat, seed, shard)
 
 
 def _reader(dataset: str, num_targets: int, distort: bool, shift: int) -> builder.Reader:
