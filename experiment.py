@@ -220,12 +220,9 @@ def run_training(config: Config) -> int:
         model = build_model(config.model, hparams, _dataset_info(config))
         model.compile()
     print(f"total_params: {model.count_params()}")
-    try:
-        dataset = distribute.distributed_inputs(
-            strategy, lambda batch_size, shard: _inputs(config, "train", batch_size, True, shard),
-            config.batch_size)
-    except UsageError as error:  # batch_size=N not split evenly
-        raise UsageError(f"--{error}") from None
+    dataset = distribute.distributed_inputs(
+        strategy, lambda batch_size, shard: _inputs(config, "train", batch_size, True, shard),
+        config.batch_size)
     return training.train(
         model, dataset, os.path.join(config.summary_dir, "train"), config.max_steps,
         config.save_step, config.batch_size, strategy=strategy,
@@ -316,8 +313,8 @@ def run(config: Config):
 
 
 def run_local_workers(config: Config) -> int:
-    """This command, without --local_workers, as --local_workers workers on loopback;
-    returns the exit status (`capsules.local_cluster.run_workers`)."""
+    """The command line (sys.argv) without --local_workers, as --local_workers workers on
+    loopback; returns the exit status (`capsules.local_cluster.run_workers`)."""
     from capsules import local_cluster
 
     args, skip = [], False

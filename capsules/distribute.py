@@ -9,6 +9,15 @@ custom loop hold here (https://www.tensorflow.org/tutorials/distribute/multi_wor
 the strategy exists before any other TensorFlow op, every worker runs every step, reduce and
 checkpoint save (those are collectives), the chief (task 'chief', else worker 0) writes the
 real checkpoints and summaries, the others write to temporary directories they remove.
+
+SIGTERM is handled here (`StopSignal`) rather than by TensorFlow's
+`PreemptionCheckpointHandler` (failure_handling.py). Given the run's CheckpointManager, the
+handler restores its step counter through that manager, so the chief (reading the run's
+checkpoints) and the other workers (reading their empty temporary directories) disagree on
+the step to save at. Given a bare Checkpoint, it writes its own ckpt-N files, one kept, into
+the run's directory and the other workers' workertemp_<i> directories beside it. Here the
+flag is all-reduced with each step's results, and every worker saves model.ckpt-STEP after
+the step where some worker saw it.
 """
 
 from __future__ import annotations
