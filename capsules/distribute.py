@@ -193,7 +193,7 @@ class StopSignal:
 
 # Errors with which a step's collectives fail when a peer worker is gone: its heartbeats
 # stopped (TensorFlow's coordination service notices within its 10 s heartbeat timeout) or
-# its connection was reset.
+# its connection was reset or closed.
 PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.AbortedError,
                tf.errors.DeadlineExceededError)
 
