@@ -72,7 +72,9 @@ def define_flags(values: flags.FlagValues = FLAGS) -> None:
             "instead of reading the 1.3 GB 2-shifted file (0: read the reference's file).",
             lower_bound=0)
     boolean("distort", False, "MNIST: random 24x24 crops and rotations.")
-    integer("batch_size", 128, "Training batch size (the reference's 128).", lower_bound=1)
+    integer("batch_size", 128,
+            "Training batch size over all devices and workers (the reference's 128).",
+            lower_bound=1)
     integer("seed", None, "Seed of the input shuffling and transforms.")
     integer("eval_interval_secs", 60,
             "Continuous evaluation: seconds between looks for a new checkpoint.", lower_bound=1)

@@ -302,10 +302,11 @@ def test_sigterm_to_one_worker_saves_on_all_and_the_rerun_resumes(data, tmp_path
 
 
 @pytest.mark.slow
-def test_sigkill_of_a_worker_stops_the_other_with_one_error_line(data, tmp_path):
+def test_sigkill_of_a_worker_stops_the_other_with_one_error_line_and_a_rerun_resumes(
+        data, tmp_path):
     summary_dir = tmp_path / "run"
-    workers = start_workers([*train_args(data, summary_dir, "--save_step=1"),
-                             "--max_steps=100000"], tmp_path)
+    args = train_args(data, summary_dir, "--save_step=1")
+    workers = start_workers([*args, "--max_steps=100000"], tmp_path)
     try:
         wait_for(lambda: checkpoint_steps(summary_dir / "train"), workers, tmp_path)
         workers[1].kill()
@@ -323,6 +324,10 @@ def test_sigkill_of_a_worker_stops_the_other_with_one_error_line(data, tmp_path)
     assert re.fullmatch(r"experiment\.py: error: a worker of the cluster stopped \(\w+: .+\); "
                         r"rerun the same command on every worker to resume from (\S+)",
                         errors[0]).group(1) == str(summary_dir / "train" / f"model.ckpt-{last}")
+
+    checked(experiment(*args, f"--max_steps={last + 1}", "--local_workers=2"))
+    assert checkpoint_steps(summary_dir / "train")[-2:] == [last, last + 1]
+    assert summary_steps(summary_dir / "train")[-1] == [last + 1]
 
 
 MIRRORED_SCRIPT = """
