@@ -1,7 +1,7 @@
 """Training past one device (capsules/distribute.py, capsules/local_cluster.py, experiment.py):
 TF_CONFIG, the input's sharding, the loopback launcher, and in subprocesses on CPU and
-loopback: 2 workers against 1 process, SIGTERM and SIGKILL to a worker, MirroredStrategy
-over 2 logical CPU devices.
+loopback: 2 workers against 1 process, SIGTERM (also to one process) and SIGKILL to a
+worker, MirroredStrategy over 2 logical CPU devices.
 
 The training runs use the tiny records and small model of test_experiment.py; each worker is
 a process of its own, so a run costs a few seconds of TensorFlow start-up per worker.
@@ -299,6 +299,24 @@ def test_sigterm_to_one_worker_saves_on_all_and_the_rerun_resumes(data, tmp_path
     checked(experiment(*args, f"--max_steps={step + 1}", "--local_workers=2"))
     assert checkpoint_steps(train_dir)[-2:] == [step, step + 1]
     assert summary_steps(train_dir)[-1] == [step + 1]  # resumed after the step
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_single_process_saves_and_exits_42(data, tmp_path):
+    train_dir = tmp_path / "run" / "train"
+    with open(tmp_path / "worker-0.log", "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "experiment.py", *train_args(data, tmp_path / "run", "--save_step=2"),
+             "--max_steps=100000"], cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: checkpoint_steps(train_dir), [process], tmp_path)  # step 2 saved
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=TIMEOUT)
+    finally:
+        stop([process])
+    assert process.returncode == distribute.PREEMPTED_EXIT_CODE, logs(tmp_path)
+    (found,) = PREEMPTED.findall((tmp_path / "worker-0.log").read_text())
+    assert checkpoint_steps(train_dir)[-1] == int(found[0]) > 2
 
 
 @pytest.mark.slow
