@@ -18,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ import tensorflow as tf
 
 import input_data
 from capsules import distribute, local_cluster
+from capsules.errors import UsageError
 from input_data.mnist import mnist_shift
 from input_data.mnist.record_names import record_name
 
@@ -154,6 +156,15 @@ def weights(checkpoint: str) -> dict[str, np.ndarray]:
 def test_a_bad_tf_config_is_one_error_naming_it(tf_config, expected):
     with pytest.raises(ValueError, match=re.escape(expected)):
         distribute.cluster_from_environment({"TF_CONFIG": tf_config})
+
+
+def test_num_gpus_with_tf_config_and_an_uneven_batch_are_usage_errors(monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", local_cluster.tf_configs([1234])[0])
+    with pytest.raises(UsageError, match=r"^num_gpus=2 with TF_CONFIG: .*CUDA_VISIBLE_DEVICES"):
+        distribute.strategy_from_environment(2)
+    three_replicas = types.SimpleNamespace(num_replicas_in_sync=3)
+    with pytest.raises(UsageError, match=r"^batch_size=4: expected a multiple of the 3 replicas"):
+        distribute.distributed_inputs(three_replicas, lambda batch_size, shard: None, 4)
 
 
 def test_tf_configs_name_every_worker_and_each_task_once():
