@@ -7,8 +7,9 @@
   channels out): `capsules.conv.patch_conv2d` against `tf.nn.conv2d`, forward only, forward
   and the kernel's gradient, forward and both gradients (what training runs).
 - The class capsules' routing (1152 primary capsules of 8 atoms voting for 10 capsules of
-  16, 3 iterations), votes included: `capsules.ops.update_routing` (gradient written out)
-  against `plain_update_routing`, the same iterations differentiated by autodiff.
+  16, 3 iterations), votes included: the `Capsule` layer's routing (`capsules.ops`, a
+  `tf.while_loop` with its gradient written out) against `plain_update_routing`, the same
+  iterations unrolled and differentiated by autodiff.
 
 Each is a tf.function, timed `--repeats` times after one untimed call; the best is kept.
 The last columns give the plain form's time over the package's (above 1: the package is
@@ -80,7 +81,7 @@ def routing_cases(batch_size: int, rng: np.random.Generator):
     capsule = layers.Capsule(10, 16, num_routing=3)
     capsule.build(inputs.shape)
     upstream = tf.constant(rng.normal(size=(batch_size, 10, 16)).astype(np.float32))
-    package = lambda: capsule(inputs)  # noqa: E731 - votes, then ops.update_routing
+    package = lambda: capsule(inputs)  # noqa: E731 - votes, then routing
     plain = lambda: plain_update_routing(capsule._votes(inputs), capsule.bias, 3)  # noqa: E731
     for name, sources in (("routing forward", []),
                           ("routing + grads", [inputs, capsule.kernel.value, capsule.bias.value])):

@@ -97,7 +97,12 @@ class _RoutedCapsule(keras.layers.Layer):
         # the low-precision compute dtype and routed in the float32 variable dtype: the
         # softmax, squash and agreements need float32's range and precision.
         votes = tf.cast(self._votes(inputs), self.variable_dtype)
-        return ops.update_routing(votes, self.bias, self.num_routing, self.leaky)
+        return ops._update_routing_output_major(votes, self.bias, self.num_routing, self.leaky)
+
+    def compute_output_spec(self, inputs):
+        # The output is routed in the variable dtype (float32 under a mixed policy), not
+        # in the compute dtype Keras would assume.
+        return keras.KerasTensor(self.compute_output_shape(inputs.shape), dtype=self.variable_dtype)
 
     def get_config(self):
         config = super().get_config()
@@ -117,7 +122,8 @@ class Capsule(_RoutedCapsule):
     """Fully connected capsule layer with dynamic routing (the reference's `capsule`).
 
     Each input capsule i votes for each output capsule j with u_hat_j|i = W_ij u_i,
-    and the votes are combined by `ops.update_routing` (eq. 2 and procedure 1):
+    and the votes are combined by routing by agreement (`ops.update_routing`, eq. 2 and
+    procedure 1):
         v_j = squash(sum_i c_ij u_hat_j|i + b_j).
 
     Args:
@@ -148,7 +154,7 @@ class Capsule(_RoutedCapsule):
         self.input_spec = keras.InputSpec(ndim=3, axes={1: input_shape[1], 2: input_shape[2]})
 
     def _votes(self, inputs):
-        """Votes `[batch, num_capsules, input_dim, atoms]`, the layout of `ops.update_routing`."""
+        """Votes `[batch, num_capsules, input_dim, atoms]`, the layout in which the layers route."""
         # One matmul batched over the input capsules, [i, b, c] x [i, c, j * k] ->
         # [i, b, j * k], instead of the reference's tile + multiply + reduce_sum; same
         # values, and faster on CPU than the equivalent einsum "bic,icjk->bjik".
@@ -233,7 +239,7 @@ class ConvCapsule(_RoutedCapsule):
         """Votes `[batch, out_height, out_width, num_capsules, input_dim, atoms]`.
 
         One convolution over the input capsules stacked on the batch axis, then
-        input_dim moved next to the atoms (the layout of `ops.update_routing`).
+        input_dim moved next to the atoms (the layout in which the layers route).
         """
         _, height, width, input_dim, input_atoms = inputs.shape
         batch = tf.shape(inputs)[0]

@@ -11,12 +11,25 @@ from capsules import ops
 RECONSTRUCTION_WEIGHT = 0.0005
 
 
+def _batch_mean(per_example: tf.Tensor, sample_weight: tf.Tensor | None) -> tf.Tensor:
+    """Mean over the batch of `[batch]` values, each times its weight if any.
+
+    As Keras' default reduction ("sum_over_batch_size"): divided by the batch size,
+    not by the sum of the weights, so weights of 1 give the unweighted mean.
+    """
+    if sample_weight is not None:
+        per_example *= tf.cast(sample_weight, per_example.dtype)
+    return tf.reduce_mean(per_example)
+
+
 def classification_loss(
-    labels: tf.Tensor, logits: tf.Tensor, loss_type: str = "margin", loss_form: str = "reference"
+    labels: tf.Tensor, logits: tf.Tensor, loss_type: str = "margin", loss_form: str = "reference",
+    sample_weight: tf.Tensor | None = None,
 ) -> tf.Tensor:
     """Scalar classification loss of the reference's `evaluate`.
 
-    labels: `[batch, num_classes]` one-hot or k-hot; logits: `[batch, num_classes]`.
+    labels: `[batch, num_classes]` one-hot or k-hot; logits: `[batch, num_classes]`;
+    sample_weight: optional `[batch]` weights of the per-example losses (see `_batch_mean`).
     loss_type:
       'margin': margin costs (`ops.margin_loss`) averaged over batch and classes, as
         the reference does (loss_form='reference'); loss_form='paper' gives eq. 4 of
@@ -30,24 +43,30 @@ def classification_loss(
     if loss_type == "margin":
         costs = ops.margin_loss(labels, logits)
         if loss_form == "paper":
-            return tf.reduce_mean(tf.reduce_sum(2.0 * costs, axis=-1))
-        return tf.reduce_mean(costs)
-    if loss_type == "softmax":
-        return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits))
-    if loss_type == "sigmoid":
-        return tf.reduce_mean(
-            tf.nn.sigmoid_cross_entropy_with_logits(labels=labels / 2.0, logits=logits)
+            per_example = tf.reduce_sum(2.0 * costs, axis=-1)
+        else:  # the batch mean of the class means is the mean over batch and classes
+            per_example = tf.reduce_mean(costs, axis=-1)
+    elif loss_type == "softmax":
+        per_example = tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    elif loss_type == "sigmoid":
+        per_example = tf.reduce_mean(
+            tf.nn.sigmoid_cross_entropy_with_logits(labels=labels / 2.0, logits=logits), axis=-1
         )
-    raise ValueError(f"loss_type must be margin, softmax or sigmoid, got {loss_type!r}")
+    else:
+        raise ValueError(f"loss_type must be margin, softmax or sigmoid, got {loss_type!r}")
+    return _batch_mean(per_example, sample_weight)
 
 
-def reconstruction_loss(reconstruction: tf.Tensor, target: tf.Tensor) -> tf.Tensor:
+def reconstruction_loss(
+    reconstruction: tf.Tensor, target: tf.Tensor, sample_weight: tf.Tensor | None = None
+) -> tf.Tensor:
     """0.0005 x per-image sum of squared pixel errors, averaged over the batch (the reference's).
 
-    reconstruction, target: `[batch, num_pixels]`.
+    reconstruction, target: `[batch, num_pixels]`; sample_weight: optional `[batch]`
+    weights of the per-image errors (see `_batch_mean`).
     """
     squared_error = tf.reduce_sum(tf.square(reconstruction - target), axis=-1)
-    return RECONSTRUCTION_WEIGHT * tf.reduce_mean(squared_error)
+    return RECONSTRUCTION_WEIGHT * _batch_mean(squared_error, sample_weight)
 
 
 def count_found_targets(labels: tf.Tensor, logits: tf.Tensor, num_targets: int) -> tf.Tensor:

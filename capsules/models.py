@@ -2,8 +2,9 @@
 
 Both models take images `[batch, height, width, depth]` and return class logits
 `[batch, num_classes]` (capsule lengths for CapsNet). `fit` accepts a tf.data
-Dataset of `(images, labels)` (labels int class ids `[batch]` or k-hot floats
-`[batch, num_classes]`) or of the feature dicts of `input_data.inputs`.
+Dataset of `(images, labels)` or `(images, labels, sample_weight)` (labels int class
+ids `[batch]` or k-hot floats `[batch, num_classes]`, weights `[batch]`) or of the
+feature dicts of `input_data.inputs`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,16 @@ class _ReferenceModel(keras.Model):
 
     The loss is the reference's: the classification loss of `hparams.loss_type`
     plus, where the model reconstructs, 0.0005 x the per-image squared error of
-    each target's reconstruction, averaged over the batch.
+    each target's reconstruction, averaged over the batch. Sample weights (Keras'
+    `sample_weight` or `class_weight`, or a third element of the batches) weight
+    each example's losses, as Keras' losses do (sum of weight x loss / batch size);
+    the accuracy metrics count every example, as Keras' `metrics=`.
+
+    `compile` takes the optimizer and Keras' run options, not `loss`, `metrics`,
+    `loss_weights` or `weighted_metrics`; `keras.models.load_model` restores the
+    model compiled as it was saved (optimizer, learning-rate schedule and state).
+    A `dtype` policy given to the model is given to its layers (float32 outputs
+    under a mixed policy, see the subclasses).
     """
 
     def __init__(
@@ -73,8 +83,16 @@ class _ReferenceModel(keras.Model):
         """Returns (logits, embedding for the reconstruction or None)."""
         raise NotImplementedError
 
-    def _reconstruction_losses(self, embedding, targets) -> list:
+    def _reconstruction_losses(self, embedding, targets, sample_weight) -> list:
         return []
+
+    def _full_precision_policy(self) -> keras.DTypePolicy:
+        """The policy of the layers that give the logits and the losses: the model's
+        variable dtype (float32 under a mixed policy; float64 for a float64 model)."""
+        return keras.DTypePolicy(self.dtype_policy.variable_dtype)
+
+    def _reconstructs(self) -> bool:
+        return False
 
     # -- Keras ----------------------------------------------------------------------
     def call(self, inputs, training=None):
@@ -82,11 +100,34 @@ class _ReferenceModel(keras.Model):
         logits, _ = self._forward(images, training=training)
         return logits
 
-    def compile(self, optimizer=None, **kwargs):
-        """As keras.Model.compile; with no optimizer, Adam on the reference's schedule."""
+    def compile(self, optimizer=None, loss=None, metrics=None, loss_weights=None,
+                weighted_metrics=None, **kwargs):
+        """As keras.Model.compile; with no optimizer, Adam on the reference's schedule.
+
+        The model computes its own loss and metrics: a `loss`, `metrics`,
+        `loss_weights` or `weighted_metrics` raises ValueError.
+        """
+        given = {name: value for name, value in (
+            ("loss", loss), ("metrics", metrics), ("loss_weights", loss_weights),
+            ("weighted_metrics", weighted_metrics)) if value is not None}
+        if given:
+            name, value = next(iter(given.items()))
+            raise ValueError(
+                f"{type(self).__name__}.compile() takes no {name}, got {name}={value!r}: the "
+                f"model computes its own loss (hparams.loss_type={self.hparams.loss_type!r}"
+                f"{' plus the reconstruction loss' if self._reconstructs() else ''}) and "
+                f"metrics ({', '.join(metric.name for metric in self.metrics)})"
+            )
         if optimizer is None:
             optimizer = reference_optimizer(self.hparams)
         super().compile(optimizer=optimizer, **kwargs)
+        # Built now (the models build themselves): a saved model then always holds the
+        # optimizer's variables, which load_model's compiled copy expects to load.
+        self.optimizer.build(self.trainable_variables)
+
+    def compile_from_config(self, config):
+        """Compiles as `get_compile_config` saved it (Keras calls it in `load_model`)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
 
     @property
     def metrics(self):
@@ -105,13 +146,14 @@ class _ReferenceModel(keras.Model):
         'reconstruction_loss', plus 'logits' `[batch, num_classes]` and
         'labels' (k-hot floats).
         """
-        images, labels, targets = self._unpack(data)
+        images, labels, targets, sample_weight = self._unpack(data)
         logits, embedding = self._forward(images, training=training)
         classification = losses.classification_loss(
-            labels, logits, self.hparams.loss_type, self.hparams.loss_form
+            labels, logits, self.hparams.loss_type, self.hparams.loss_form, sample_weight
         )
         reconstruction = tf.add_n(
-            [tf.constant(0.0)] + self._reconstruction_losses(embedding, targets)
+            [tf.zeros([], classification.dtype)]
+            + self._reconstruction_losses(embedding, targets, sample_weight)
         )
         return {
             "loss": classification + reconstruction,
@@ -162,7 +204,8 @@ class _ReferenceModel(keras.Model):
         return {metric.name: metric.result() for metric in self.metrics}
 
     def _unpack(self, data):
-        """(images, k-hot labels, [(target label ids, target images), ...]) from a batch.
+        """(images, k-hot labels, [(target label ids, target images), ...], sample weights
+        `[batch]` or None) from a batch.
 
         A batch is a feature dict of `input_data.inputs` (targets recons_* and,
         for two targets, spare_*) or `(images, labels[, sample_weight])`, whose
@@ -173,7 +216,7 @@ class _ReferenceModel(keras.Model):
             targets = [(data[keys.RECONS_LABEL], data[keys.RECONS_IMAGE])]
             if self.num_targets == 2:
                 targets.append((data[keys.SPARE_LABEL], data[keys.SPARE_IMAGE]))
-            return images, labels, targets
+            return images, labels, targets, None
         if not isinstance(data, (tuple, list)) or len(data) < 2:
             raise ValueError(
                 "expected batches of (images, labels) or input_data feature dicts, "
@@ -184,7 +227,16 @@ class _ReferenceModel(keras.Model):
             images = images[keys.IMAGES]
         label_ids = tf.math.top_k(labels, k=self.num_targets).indices
         targets = [(label_ids[:, i], images) for i in range(self.num_targets)]
-        return images, labels, targets
+        sample_weight = data[2] if len(data) > 2 else None
+        if sample_weight is not None:
+            sample_weight = tf.convert_to_tensor(sample_weight)
+            if sample_weight.shape.rank not in (1, 2) or sample_weight.shape[1:] not in ([], [1]):
+                raise ValueError(
+                    "sample_weight must be one weight per image, [batch] or [batch, 1], got "
+                    f"shape {sample_weight.shape}"
+                )
+            sample_weight = tf.reshape(sample_weight, [-1])
+        return images, labels, targets, sample_weight
 
     def _k_hot(self, labels) -> tf.Tensor:
         """Int class ids `[batch]` -> one-hot; k-hot `[batch, num_classes]` checked and cast."""
@@ -209,6 +261,7 @@ class _ReferenceModel(keras.Model):
             "input_shape": list(self.image_shape),
             "num_classes": self.num_classes,
             "num_targets": self.num_targets,
+            "dtype": keras.dtype_policies.serialize(self.dtype_policy),
         }
 
     @classmethod
@@ -236,6 +289,10 @@ class CapsNet(_ReferenceModel):
       num_targets: objects per image (2 for MultiMNIST: metrics 'correct' and 'almost').
 
     Call: images `[batch, height, width, depth]` -> lengths `[batch, num_classes]`.
+
+    The model's dtype policy (`dtype=`, else the global one) goes to conv1 and the
+    capsule layers; the lengths and the decoder get its variable dtype (float32
+    under `mixed_bfloat16`).
     """
 
     def __init__(self, hparams=None, input_shape=(28, 28, 1), num_classes=10, num_targets=1,
@@ -249,21 +306,24 @@ class CapsNet(_ReferenceModel):
             activation="relu",
             kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.05),
             bias_initializer=keras.initializers.Constant(0.1),
+            dtype=self.dtype_policy,
             name="conv1",
         )
         self.primary_capsules = layers.PrimaryCapsule(
             hp.num_prime_capsules, 8, kernel_size=9, strides=2, padding=hp.padding,
-            leaky=hp.leaky, name="conv_capsule1",
+            leaky=hp.leaky, dtype=self.dtype_policy, name="conv_capsule1",
         )
         self.class_capsules = layers.Capsule(
-            num_classes, 16, num_routing=hp.routing, leaky=hp.leaky, name="capsule2"
+            num_classes, 16, num_routing=hp.routing, leaky=hp.leaky, dtype=self.dtype_policy,
+            name="capsule2",
         )
         # Lengths and decoder stay float32 under a mixed policy (the logits and the
         # losses are float32; they cost under 1% of the FLOPs).
-        self.length = layers.Length(dtype="float32", name="length")
+        self.length = layers.Length(dtype=self._full_precision_policy(), name="length")
         self.decoder = (
             layers.ReconstructionDecoder(
-                input_shape[0] * input_shape[1] * input_shape[2], dtype="float32", name="recons"
+                input_shape[0] * input_shape[1] * input_shape[2],
+                dtype=self._full_precision_policy(), name="recons",
             )
             if hp.remake
             else None
@@ -291,16 +351,20 @@ class CapsNet(_ReferenceModel):
         capsules = self.class_capsule_outputs(images, training=training)
         return self.length(capsules), capsules
 
-    def _reconstruction_losses(self, capsules, targets):
+    def _reconstruction_losses(self, capsules, targets, sample_weight):
         if self.decoder is None:
             return []
         return [
             losses.reconstruction_loss(
                 self.decoder([capsules, tf.one_hot(label, self.num_classes)]),
-                flatten_depth_major(image),
+                tf.cast(flatten_depth_major(image), self.decoder.compute_dtype),
+                sample_weight,
             )
             for label, image in targets
         ]
+
+    def _reconstructs(self):
+        return self.decoder is not None
 
     def reconstruct(self, images, labels) -> tf.Tensor:
         """Decoder images `[batch, h, w, depth]` from the capsule of `labels`.
@@ -324,6 +388,9 @@ class ConvBaseline(_ReferenceModel):
     Two blocks of 5x5 convolution (512, then 256 channels, ReLU, padding from
     hparams) and 2x2 max pooling (stride 2, SAME), flattened in the reference's
     NCHW order, a 1024-unit ReLU layer and a linear layer of num_classes logits.
+
+    The model's dtype policy goes to every layer but the logits' (its variable
+    dtype: float32 under `mixed_bfloat16`).
     """
 
     def __init__(self, hparams=None, input_shape=(28, 28, 1), num_classes=10, num_targets=1,
@@ -337,17 +404,17 @@ class ConvBaseline(_ReferenceModel):
             setattr(self, f"conv{i + 1}", keras.layers.Conv2D(
                 channels, 5, padding=padding, activation="relu",
                 kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.05),
-                bias_initializer=biases, name=f"conv{i + 1}",
+                bias_initializer=biases, dtype=self.dtype_policy, name=f"conv{i + 1}",
             ))
-            setattr(self, f"pool{i + 1}",
-                    keras.layers.MaxPooling2D(2, 2, padding="same", name=f"pool{i + 1}"))
+            setattr(self, f"pool{i + 1}", keras.layers.MaxPooling2D(
+                2, 2, padding="same", dtype=self.dtype_policy, name=f"pool{i + 1}"))
         self.fc1 = keras.layers.Dense(
             1024, activation="relu", kernel_initializer=weights, bias_initializer=biases,
-            name="fc1",
+            dtype=self.dtype_policy, name="fc1",
         )
         self.softmax_layer = keras.layers.Dense(
             num_classes, kernel_initializer=weights, bias_initializer=biases,
-            dtype="float32", name="softmax_layer",  # float32 logits under a mixed policy
+            dtype=self._full_precision_policy(), name="softmax_layer",
         )
         self.build((None, *input_shape))
 

@@ -2,8 +2,10 @@
 
 `run_layer_test` builds the layer, checks the output shape against
 `compute_output_shape`, round-trips the config, saves and reloads a model
-holding the layer as `.keras` with equal outputs, and runs a fit step that
-changes the weights.
+holding the layer as `.keras` with equal outputs, runs a fit step that
+changes the weights, and runs Keras' mixed-precision check (under
+"mixed_bfloat16" the weights stay float32 and each output has the dtype
+`compute_output_spec` gives).
 """
 
 from __future__ import annotations
@@ -55,4 +57,24 @@ def run_layer_test(layer_cls, init_kwargs: dict, inputs, expected_output_shape: 
     assert all(np.all(np.isfinite(w)) for w in after)
     if before:
         assert any(not np.allclose(a, b) for a, b in zip(after, before, strict=True))
+
+    _check_mixed_precision(layer_cls, init_kwargs, inputs)
     return layer
+
+
+def _check_mixed_precision(layer_cls, init_kwargs: dict, inputs: list) -> None:
+    """Keras' mixed-precision layer check (keras.src.testing.TestCase.run_layer_test)."""
+    layer = layer_cls(**{**init_kwargs, "dtype": "mixed_bfloat16"})
+    specs = [
+        keras.KerasTensor(x.shape, dtype=layer.compute_dtype
+                          if layer.autocast and np.issubdtype(x.dtype, np.floating) else x.dtype)
+        for x in inputs
+    ]
+    single = len(inputs) == 1
+    outputs = layer(inputs[0] if single else inputs)
+    expected = layer.compute_output_spec(specs[0] if single else specs)
+    for output, spec in zip(_as_list(outputs), _as_list(expected), strict=True):
+        dtype = keras.backend.standardize_dtype(output.dtype)
+        assert dtype == spec.dtype, f"output dtype {dtype}, compute_output_spec {spec.dtype}"
+    for weight in layer.weights:
+        assert weight.dtype == "float32", weight.path

@@ -19,20 +19,37 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def routing(votes: np.ndarray, biases: np.ndarray, num_routing: int, leaky: bool) -> np.ndarray:
-    """Procedure 1 with the reference's biases; votes [batch, in, (spatial...), out, atoms]."""
+def update_routing(votes: np.ndarray, biases: np.ndarray, num_routing: int,
+                   leaky: bool) -> np.ndarray:
+    """The reference's `_update_routing` (procedure 1 with its biases), in its layouts.
+
+    votes [batch, in, out, atoms] -> [batch, out, atoms], biases [out, atoms];
+    votes [batch, in, out, atoms, h, w] -> [batch, out, atoms, h, w], biases
+    [out, atoms] or [out, atoms, 1, 1]. Logits [batch, in, out, (h, w)]; every
+    iteration updates them, as the reference's loop does.
+    """
     votes = votes.astype(np.float64)
-    logits = np.zeros(votes.shape[:-1])
+    biases = biases.reshape(biases.shape[:2] + (1,) * (votes.ndim - 4))
+    logits = np.zeros(votes.shape[:3] + votes.shape[4:])
     for _ in range(num_routing):
         if leaky:
-            padded = np.concatenate([np.zeros(logits.shape[:-1] + (1,)), logits], axis=-1)
-            route = softmax(padded)[..., 1:]
+            padded = np.concatenate([np.zeros_like(logits[:, :, :1]), logits], axis=2)
+            route = np.moveaxis(softmax(np.moveaxis(padded, 2, -1)), -1, 2)[:, :, 1:]
         else:
-            route = softmax(logits)
-        preactivation = np.sum(route[..., None] * votes, axis=1) + biases
-        activation = squash(preactivation)
-        logits = logits + np.sum(votes * np.expand_dims(activation, 1), axis=-1)
+            route = np.moveaxis(softmax(np.moveaxis(logits, 2, -1)), -1, 2)
+        preactivation = np.sum(route[:, :, :, None] * votes, axis=1) + biases
+        activation = np.moveaxis(squash(np.moveaxis(preactivation, 2, -1)), -1, 2)
+        logits = logits + np.sum(votes * activation[:, None], axis=3)
     return activation
+
+
+def routing(votes: np.ndarray, biases: np.ndarray, num_routing: int, leaky: bool) -> np.ndarray:
+    """`update_routing` for votes [batch, in, (h, w), out, atoms] -> [batch, (h, w), out, atoms]."""
+    spatial = votes.ndim - 4
+    in_reference_layout = np.moveaxis(votes, list(range(2, 2 + spatial)),
+                                      list(range(4, 4 + spatial)))
+    activation = update_routing(in_reference_layout, biases, num_routing, leaky)
+    return np.moveaxis(activation, list(range(3, 3 + spatial)), list(range(1, 1 + spatial)))
 
 
 def margin_costs(labels: np.ndarray, lengths: np.ndarray, margin=0.4, downweight=0.5):

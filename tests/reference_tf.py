@@ -12,8 +12,8 @@ def plain_update_routing(votes: tf.Tensor, biases: tf.Tensor, num_routing: int,
                          leaky: bool = False) -> tf.Tensor:
     """Procedure 1 of the paper in plain TensorFlow, to be differentiated by autodiff.
 
-    votes `[batch, (spatial...), output_dim, input_dim, atoms]` (the layout of
-    `ops.update_routing`), biases `[output_dim, atoms]`; softmax by `tf.nn.softmax`
+    votes `[batch, (spatial...), output_dim, input_dim, atoms]` (the layout in which the
+    layers route), biases `[output_dim, atoms]`; softmax by `tf.nn.softmax`
     over output_dim (leaky: with a zero logit in front, dropped), weighted sums and
     agreements by multiply and reduce_sum, the norm by `tf.norm`.
     """

@@ -1,5 +1,7 @@
 """CapsNet and ConvBaseline: sizes, values against NumPy, the loss, training and saving."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -198,8 +200,11 @@ def test_keras_save_and_load_give_identical_logits(tmp_path):
     images = _images(3)
     path = str(tmp_path / "capsnet.keras")
     model.save(path)
-    loaded = keras.models.load_model(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # compiled, never trained: no optimizer mismatch either
+        loaded = keras.models.load_model(path)
     assert isinstance(loaded, CapsNet) and loaded.hparams == model.hparams
+    assert loaded.compiled
     np.testing.assert_array_equal(loaded(images).numpy(), model(images).numpy())
     np.testing.assert_array_equal(loaded.reconstruct(images, [1, 2, 3]).numpy(),
                                   model.reconstruct(images, [1, 2, 3]).numpy())
@@ -282,3 +287,129 @@ def test_mixed_bfloat16_trains_and_shares_checkpoints_with_float32(tmp_path, mix
     status.assert_existing_objects_matched().expect_partial()  # no optimizer here
     for ours, theirs in zip(plain.get_weights(), mixed.get_weights(), strict=True):
         np.testing.assert_array_equal(ours, theirs)
+
+
+def _fitted(model, steps=1):
+    model.compile(optimizer=keras.optimizers.Adam(
+        ReferenceDecay(1e-3, decay_steps=10, decay_rate=0.5), epsilon=1e-8))
+    shape = model.image_shape
+    dataset = tf.data.Dataset.from_tensors((_images(4, shape, seed=8), np.arange(4) % 3))
+    model.fit(dataset.repeat(steps), verbose=0)
+    return model, dataset
+
+
+@pytest.mark.parametrize("make", [
+    lambda: _small(),
+    lambda: ConvBaseline(default_hparams().replace(padding="SAME"), input_shape=(12, 12, 1),
+                         num_classes=3),
+])
+def test_load_model_returns_it_compiled_and_fit_continues(make, tmp_path):
+    model, dataset = _fitted(make())
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = keras.models.load_model(path)
+    assert loaded.compiled and isinstance(loaded.optimizer, keras.optimizers.Adam)
+    schedule = loaded.optimizer._learning_rate
+    assert isinstance(schedule, ReferenceDecay)
+    assert schedule.get_config() == model.optimizer._learning_rate.get_config()
+    assert loaded.optimizer.epsilon == 1e-8
+    # The optimizer's state (step count, Adam moments) comes back too.
+    assert int(loaded.optimizer.iterations) == int(model.optimizer.iterations) == 1
+    for ours, theirs in zip(model.optimizer.variables, loaded.optimizer.variables, strict=True):
+        np.testing.assert_array_equal(theirs.numpy(), ours.numpy())
+    # Training continues without compile(), as the original would.
+    before = loaded.get_weights()
+    loaded.fit(dataset, verbose=0)
+    model.fit(dataset, verbose=0)
+    assert int(loaded.optimizer.iterations) == 2
+    assert any(not np.allclose(a, b) for a, b in zip(before, loaded.get_weights(), strict=True))
+    for ours, theirs in zip(model.get_weights(), loaded.get_weights(), strict=True):
+        np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("argument", [
+    {"loss": "mse"}, {"metrics": ["accuracy"]}, {"loss_weights": [1.0]},
+    {"weighted_metrics": ["accuracy"]},
+])
+def test_compile_rejects_loss_and_metrics(argument):
+    model = _small()
+    name = next(iter(argument))
+    with pytest.raises(ValueError, match=rf"takes no {name}.*computes its own loss \(hparams"
+                                         r"\.loss_type='margin' plus the reconstruction loss\)"
+                                         r" and metrics \(loss, classification_loss"):
+        model.compile(**argument)
+    assert not model.compiled
+
+
+def test_sample_weight_weights_the_per_example_losses():
+    model = _small()
+    images, labels = _images(4, seed=9), np.array([0, 2, 4, 1])
+    weights = np.array([0.0, 1.0, 2.0, 0.5], np.float32)
+    results = model.compute_losses((images, labels, weights))
+    costs = ref.margin_costs(np.eye(5)[labels], model(images).numpy().astype(np.float64))
+    squared_error = np.sum(
+        (model.reconstruct(images, labels).numpy() - images).reshape(4, -1) ** 2, axis=1)
+    # Keras' reduction: sum of weight x loss over the batch size.
+    np.testing.assert_allclose(results["classification_loss"].numpy(),
+                               np.mean(weights * costs.mean(axis=1)), rtol=1e-5)
+    np.testing.assert_allclose(results["reconstruction_loss"].numpy(),
+                               0.0005 * np.mean(weights * squared_error), rtol=1e-5)
+    unweighted = model.compute_losses((images, labels))["loss"].numpy()
+    np.testing.assert_allclose(
+        model.compute_losses((images, labels, np.ones([4, 1], np.float32)))["loss"].numpy(),
+        unweighted, rtol=1e-6)
+
+
+def test_fit_with_zero_sample_weights_does_not_train():
+    images, labels = _images(4, seed=10), np.arange(4)
+    for weights, trains in ((np.zeros(4, np.float32), False), (np.ones(4, np.float32), True)):
+        model = _small()
+        model.compile(optimizer=keras.optimizers.SGD(0.1))
+        before = model.get_weights()
+        model.fit(images, labels, sample_weight=weights, batch_size=4, verbose=0)
+        changed = [not np.array_equal(a, b) for a, b in zip(before, model.get_weights(),
+                                                              strict=True)]
+        assert any(changed) == trains
+
+
+def test_sample_weight_of_the_wrong_shape_raises():
+    model = _small()
+    model.compile()
+    dataset = tf.data.Dataset.from_tensors((_images(2), np.arange(2), np.ones([2, 3])))
+    with pytest.raises(ValueError, match=r"sample_weight must be one weight per image"):
+        model.fit(dataset, verbose=0)
+
+
+@pytest.mark.parametrize("make,full_precision", [
+    (lambda dtype: CapsNet(default_hparams().replace(padding="SAME", num_prime_capsules=4),
+                           input_shape=(12, 12, 1), num_classes=5, dtype=dtype),
+     {"length", "recons", "recons_1", "recons_2", "recons_3"}),
+    (lambda dtype: ConvBaseline(default_hparams().replace(padding="SAME"),
+                                input_shape=(12, 12, 1), num_classes=5, dtype=dtype),
+     {"softmax_layer"}),
+])
+@pytest.mark.parametrize("dtype,variables", [("mixed_bfloat16", "float32"),
+                                             ("float64", "float64")])
+def test_model_dtype_goes_to_every_sublayer(make, full_precision, dtype, variables):
+    model = make(dtype)
+    sublayers = list(model._flatten_layers(include_self=False))
+    assert {layer.name for layer in sublayers} >= full_precision
+    for layer in sublayers:
+        want = variables if layer.name in full_precision else dtype
+        assert layer.dtype_policy.name == want, layer.name
+    assert all(weight.dtype == variables for weight in model.weights)
+    results = model.compute_losses((_images(2), np.arange(2)))
+    assert results["logits"].dtype == variables and np.isfinite(results["loss"].numpy())
+    clone = type(model).from_config(model.get_config())
+    assert clone.dtype_policy.name == dtype
+
+
+def test_training_step_graph_routes_in_while_loops():
+    model = _small()
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    step = tf.function(model.optimize_step).get_concrete_function(
+        (tf.TensorSpec([None, 12, 12, 1]), tf.TensorSpec([None], tf.int32)))
+    loops = [op for op in step.graph.get_operations() if op.type in ("While", "StatelessWhile")]
+    assert len(loops) == 2  # the class capsules' iterations, and their gradient's reverse pass
