@@ -43,13 +43,16 @@ def define_flags(values: flags.FlagValues = FLAGS) -> None:
     def enum(name, default, choices, help_text):
         flags.DEFINE_enum(name, default, choices, help_text, flag_values=values)
 
-    string("data_dir", None, "The data directory (MultiMNIST: PREFIX@N).")
+    string("data_dir", None, "The data directory (MultiMNIST records: PREFIX@N; "
+           "--dataset=multimnist: the MNIST IDX files' directory).")
     integer("eval_size", 10000, "Size of the test dataset.", lower_bound=1)
     string("hparams_override", None,
            "A string of form key=value,key=value to override the hparams of this experiment.")
     integer("max_steps", 1000, "Number of steps to train.", lower_bound=0)
     enum("model", "capsule", ["capsule", "baseline"], "The model to use.")
-    enum("dataset", "mnist", ["mnist", "norb", "cifar10"], "The dataset to use.")
+    enum("dataset", "mnist", ["mnist", "multimnist", "norb", "cifar10"],
+         "The dataset to use (multimnist: pairs made on the fly from the MNIST IDX files, "
+         "with --num_targets=2).")
     integer("num_gpus", 1, "Number of GPUs to train on (testing uses one device).",
             lower_bound=0)
     integer("local_workers", 0,
@@ -72,6 +75,8 @@ def define_flags(values: flags.FlagValues = FLAGS) -> None:
             "instead of reading the 1.3 GB 2-shifted file (0: read the reference's file).",
             lower_bound=0)
     boolean("distort", False, "MNIST: random 24x24 crops and rotations.")
+    integer("num_pairs", 1, "--dataset=multimnist: test pairs per test digit (set "
+            "--eval_size to 10000 x this).", lower_bound=1)
     integer("batch_size", 128,
             "Training batch size over all devices and workers (the reference's 128).",
             lower_bound=1)
@@ -112,6 +117,7 @@ class Config:
     validate: bool
     random_shift: int
     distort: bool
+    num_pairs: int
     batch_size: int
     seed: int | None
     eval_interval_secs: int
@@ -151,7 +157,7 @@ def _inputs(config: Config, split: str, batch_size: int, repeat: bool = False,
         config.dataset, split, config.data_dir, batch_size, num_targets=config.num_targets,
         validate=config.validate, distort=config.distort,
         random_shift=config.random_shift if split == "train" else 0, repeat=repeat,
-        seed=config.seed, shard=shard,
+        seed=config.seed, shard=shard, num_pairs=config.num_pairs,
     )
 
 

@@ -31,6 +31,19 @@ class Reader:
     shuffle_buffer: int
 
 
+def without_autotune(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """`ds` with tf.data's autotuning off (its AUTOTUNE values keep their static defaults).
+
+    Dropping an iterator of an autotuned dataset can block for up to 60 s: the iterator's
+    destructor cancels tf.data's autotune thread and joins it, and the thread, woken before
+    the cancellation is flagged, sleeps until its next scheduled run (TensorFlow 2.21;
+    README 'Speed'). Keras drops one at the end of every fit, evaluate and predict.
+    """
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options)
+
+
 def file_records(files: Sequence[str], read: Callable[[tf.Tensor], tf.data.Dataset],
                  is_training: bool, seed: int | None) -> tf.data.Dataset:
     """(file name, record) pairs from `files`, each read with `read`.
@@ -80,4 +93,4 @@ def build(reader: Reader, records: tf.data.Dataset, batch_size: int, is_training
     ds = ds.batch(batch_size, drop_remainder=is_training and repeat)
     if shard is not None:
         ds = ds.shard(*shard)
-    return ds.prefetch(autotune)
+    return without_autotune(ds.prefetch(autotune))

@@ -11,27 +11,30 @@ from capsules.errors import UsageError
 from input_data import builder, tfds_source
 from input_data.cifar10 import cifar10_input
 from input_data.info import SPLITS, check_name, dataset_info
-from input_data.mnist import mnist_input_record, record_names
+from input_data.mnist import mnist_input_record, multimnist, record_names
 from input_data.norb import norb_input_record
 
 
-def inputs(dataset: str, split: str, data_dir: str, batch_size: int, num_targets: int = 1,
-           validate: bool = False, distort: bool = False, random_shift: int = 0,
-           repeat: bool = False, seed: int | None = None,
-           shard: tuple[int, int] | None = None) -> tf.data.Dataset:
+def inputs(dataset: str, split: str, data_dir: str, batch_size: int,
+           num_targets: int | None = None, validate: bool = False, distort: bool = False,
+           random_shift: int = 0, repeat: bool = False, seed: int | None = None,
+           shard: tuple[int, int] | None = None, num_pairs: int = 1) -> tf.data.Dataset:
     """Batches of feature dicts for training (split='train') or evaluation (split='test').
 
     Args:
-      dataset: 'mnist', 'cifar10' or 'norb'.
+      dataset: 'mnist', 'multimnist', 'cifar10' or 'norb'. 'multimnist' makes the
+        MultiMNIST pairs on the fly from the MNIST IDX files (input_data/mnist/multimnist.py):
+        an endless stream of new pairs for training, fixed pairs for testing.
       split: 'train' (shuffled, randomly transformed) or 'test' (file order, every example
         exactly once, the last batch kept even if partial).
-      data_dir: the directory of the data set's files; for MultiMNIST `PREFIX@N` (its N
+      data_dir: the directory of the data set's files (for multimnist: of the MNIST IDX
+        files); for MultiMNIST records (mnist with num_targets=2) `PREFIX@N` (its N
         shards); for mnist and cifar10 also 'tfds' or 'tfds:DIR' to read them from
         tensorflow-datasets.
       batch_size: examples per batch.
-      num_targets: 1, or 2 for MultiMNIST.
-      validate: single-digit mnist only: train on training images 10,000..60,000 ('train') and
-        evaluate on training images 0..10,000 ('test').
+      num_targets: 1, or 2 for MultiMNIST; None: the data set's (2 for multimnist, else 1).
+      validate: mnist and multimnist only: train on training images 10,000..60,000
+        ('train') and evaluate on training images 0..10,000 ('test').
       distort: single-digit mnist only: train on random 24x24 crops rotated within +-15
         degrees, evaluate on central crops (cifar10 and norb always get their reference
         crops).
@@ -40,13 +43,16 @@ def inputs(dataset: str, split: str, data_dir: str, batch_size: int, num_targets
         2-shifted file (tensorflow-datasets has no such file, so there 0 means 2).
         Evaluation is never shifted.
       repeat: repeat forever (training loops by step count).
-      seed: seed of the shuffles and random transforms (None: nondeterministic).
+      seed: seed of the shuffles and random transforms (None: nondeterministic); for
+        multimnist's test pairs too (None: 0).
       shard: (number of workers, this worker's index) for multi-worker training: this
         worker's share of the batches. By file when there are at least as many files as
         workers (files index, index + count, ...; seed + index seeds this worker's
-        shuffles and transforms), otherwise by data: every worker reads all the data and
-        keeps batches index, index + count, ... (with `seed` set, the workers' batches of
-        one step are then the consecutive batches one process reads).
+        shuffles and transforms), otherwise by data (always for multimnist): every worker
+        reads all the data and keeps batches index, index + count, ... (with `seed` set,
+        the workers' batches of one step are then the consecutive batches one process
+        reads).
+      num_pairs: multimnist test only: pairs per test digit (1: 10,000 pairs).
 
     Returns:
       A dataset of dicts, with `info = dataset_info(dataset, num_targets, distort)`:
@@ -57,12 +63,19 @@ def inputs(dataset: str, split: str, data_dir: str, batch_size: int, num_targets
         spare_image, spare_label: MultiMNIST only, the second digit and its class.
     """
     check_name("split", split, SPLITS)
-    dataset_info(dataset, num_targets, distort)  # checks the combination
+    num_targets = dataset_info(dataset, num_targets, distort).num_targets  # checks them
+    if num_pairs != 1 and dataset != "multimnist":
+        raise UsageError(f"num_pairs={num_pairs}: only for multimnist")
     if random_shift < 0 or (random_shift and (dataset != "mnist" or num_targets != 1)):
         raise UsageError(f"random_shift={random_shift}: expected 0, or > 0 only for "
                          "single-digit mnist")
-    if validate and dataset != "mnist":
+    if validate and dataset not in ("mnist", "multimnist"):
         raise UsageError(f"validate=True: {dataset} has no validation split")
+    if shard is not None and not 0 <= shard[1] < shard[0]:
+        raise ValueError(f"shard={shard}: expected (number of workers, index in 0..number - 1)")
+    if dataset == "multimnist":
+        return multimnist.inputs(split, data_dir, batch_size, validate, num_pairs, repeat, seed,
+                                 shard)
     is_training = split == "train"
     from_tfds = tfds_source.is_tfds(data_dir)
     if from_tfds and num_targets == 2:
@@ -70,8 +83,6 @@ def inputs(dataset: str, split: str, data_dir: str, batch_size: int, num_targets
     shift = 0
     if is_training and dataset == "mnist":
         shift = random_shift or (record_names.TRAIN_SHIFT if from_tfds else 0)
-    if shard is not None and not 0 <= shard[1] < shard[0]:
-        raise ValueError(f"shard={shard}: expected (number of workers, index in 0..number - 1)")
     reader = _reader(dataset, num_targets, distort, shift)
     if from_tfds:
         records = tfds_source.records(dataset, split, data_dir, validate, is_training, seed)

@@ -111,34 +111,51 @@ def write_single(images: np.ndarray, labels: np.ndarray, path: str, shift: int,
     return len(images) * (2 * shift + 1) ** 2
 
 
-def write_multi(images: np.ndarray, labels: np.ndarray, prefix: str, shift: int, pad: int,
-                num_pairs: int, max_shard: int, seed: int | None) -> list[str]:
-    """Writes `num_pairs` MultiMNIST records per image into shards; returns their names.
+def pair_plan(labels: np.ndarray, num_pairs: int, shift: int,
+              rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The reference's MultiMNIST pairs, image by image: (shifts, partners) of each image.
 
-    Memory stays constant in the number of records: shifts, partners and shard turns are
-    drawn image by image (shard turns without replacement from the room left in each shard,
-    which has the same distribution as the reference's shuffled list of turns).
+    shifts: int [num_pairs + 1, 2], (dy, dx) uniform in -shift..shift; row 0 shifts the
+      image itself (once, for all its pairs, as the reference does), row j + 1 its j-th
+      partner.
+    partners: int [num_pairs], distinct indices of images with another label, uniform (the
+      reference keeps the first num_pairs of 2 * num_pairs random images with another
+      label, which can leave an image with fewer pairs; this draws exactly num_pairs).
     """
-    total = len(images) * num_pairs
-    capacity = max_shard if max_shard > 0 else total
-    names = shard_names(prefix, math.ceil(total / capacity))
-    rng = np.random.default_rng(seed)
-    room = np.full(len(names), capacity, np.int64)
     others = {label: np.flatnonzero(labels != label) for label in np.unique(labels)}
     fewest = min(len(indices) for indices in others.values())
     if num_pairs > fewest:
         raise UsageError(f"num_pairs={num_pairs}: some images have only {fewest} partners "
                          "with another label")
+    return ((rng.integers(-shift, shift + 1, size=(num_pairs + 1, 2)),
+             rng.choice(others[label], num_pairs, replace=False)) for label in labels)
+
+
+def write_multi(images: np.ndarray, labels: np.ndarray, prefix: str, shift: int, pad: int,
+                num_pairs: int, max_shard: int, seed: int | None) -> list[str]:
+    """Writes `num_pairs` MultiMNIST records per image into shards; returns their names.
+
+    The pairs are `pair_plan`'s from `np.random.default_rng(seed)`, so
+    `input_data.inputs('multimnist', ...)` makes the same test pairs on the fly. Memory
+    stays constant in the number of records: pairs and shard turns are drawn image by image
+    (shard turns, from their own generator, without replacement from the room left in each
+    shard, which has the same distribution as the reference's shuffled list of turns).
+    """
+    total = len(images) * num_pairs
+    capacity = max_shard if max_shard > 0 else total
+    names = shard_names(prefix, math.ceil(total / capacity))
+    plan = pair_plan(labels, num_pairs, shift, np.random.default_rng(seed))
+    shard_rng = np.random.default_rng(None if seed is None else [seed, 1])
+    room = np.full(len(names), capacity, np.int64)
     with atomic_paths(names) as temps:
         writers = [tf.io.TFRecordWriter(temp) for temp in temps]
         try:
             for i in progress(range(len(images)), len(images), prefix):
-                shifts = rng.integers(-shift, shift + 1, size=(num_pairs + 1, 2))
+                shifts, partners = next(plan)
                 base = shift_image(np.pad(images[i], pad), *shifts[0])
-                partners = rng.choice(others[labels[i]], num_pairs, replace=False)
-                counts = rng.multivariate_hypergeometric(room, num_pairs)
+                counts = shard_rng.multivariate_hypergeometric(room, num_pairs)
                 room -= counts
-                turns = rng.permutation(np.repeat(np.arange(len(names)), counts))
+                turns = shard_rng.permutation(np.repeat(np.arange(len(names)), counts))
                 for partner, (dy, dx), turn in zip(partners, shifts[1:], turns, strict=True):
                     top = shift_image(np.pad(images[partner], pad), dy, dx)
                     writers[turn].write(
