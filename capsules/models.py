@@ -12,10 +12,15 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+# Keras' own input adapters (keras>=3,<4): fit/evaluate/predict take the data as Keras would.
+from keras.src.trainers.data_adapters import array_slicing, get_data_adapter
+from keras.src.trainers.data_adapters.data_adapter import DataAdapter
+
 from capsules import features as keys
 from capsules import layers, losses
 from capsules.hparams import HParams, default_hparams
 from capsules.optimizers import reference_optimizer
+from input_data.builder import without_autotune
 
 _PACKAGE = "capsules"
 
@@ -29,6 +34,44 @@ def unflatten_depth_major(pixels: tf.Tensor, image_shape) -> tf.Tensor:
     """Inverse of `flatten_depth_major`: `[batch, depth * h * w]` -> `[batch, h, w, depth]`."""
     height, width, depth = image_shape
     return tf.transpose(tf.reshape(pixels, [-1, depth, height, width]), [0, 2, 3, 1])
+
+
+class _NoAutotuneAdapter(DataAdapter):
+    """Keras' data adapter of some input, its tf.data pipeline without autotune."""
+
+    def __init__(self, adapter: DataAdapter):
+        self.adapter = adapter
+
+    @classmethod
+    def of(cls, x, y=None, sample_weight=None, batch_size=None, steps=None, shuffle=False,
+           class_weight=None) -> _NoAutotuneAdapter:
+        if isinstance(x, cls):  # fit's validation data, handed on to evaluate
+            return x
+        return cls(get_data_adapter(x, y, sample_weight, batch_size, steps, shuffle,
+                                    class_weight))
+
+    def get_tf_dataset(self):
+        return without_autotune(self.adapter.get_tf_dataset())
+
+    def get_numpy_iterator(self):
+        return self.adapter.get_numpy_iterator()
+
+    def get_jax_iterator(self):
+        return self.adapter.get_jax_iterator()
+
+    def get_torch_dataloader(self):
+        return self.adapter.get_torch_dataloader()
+
+    num_batches = property(lambda self: self.adapter.num_batches)
+    batch_size = property(lambda self: self.adapter.batch_size)
+    has_partial_batch = property(lambda self: self.adapter.has_partial_batch)
+    partial_batch_size = property(lambda self: self.adapter.partial_batch_size)
+
+    def on_epoch_begin(self):
+        self.adapter.on_epoch_begin()
+
+    def on_epoch_end(self):
+        self.adapter.on_epoch_end()
 
 
 class _ReferenceModel(keras.Model):
@@ -202,6 +245,39 @@ class _ReferenceModel(keras.Model):
         for metric in self.metrics:
             metric.update_state(scalars[metric.name], sample_weight=batch_size)
         return {metric.name: metric.result() for metric in self.metrics}
+
+    # -- Input without tf.data's autotune stall (README 'Speed') ------------------------
+    # Keras drops its tf.data iterator at the end of every fit, evaluate and predict, and of
+    # every epoch of a finite dataset; with autotune on, that can block for up to 60 s in
+    # TensorFlow 2.21 (input_data.builder.without_autotune). So whatever these receive
+    # (arrays, datasets, generators) goes through Keras' own adapter, its pipeline
+    # without autotune.
+    def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None,
+            validation_split=0.0, validation_data=None, shuffle=True, class_weight=None,
+            sample_weight=None, initial_epoch=0, steps_per_epoch=None, validation_steps=None,
+            validation_batch_size=None, validation_freq=1):
+        if validation_split and validation_data is None:  # as keras.Model.fit does
+            (x, y, sample_weight), validation_data = array_slicing.train_validation_split(
+                (x, y, sample_weight), validation_split=validation_split)
+        if validation_data is not None:
+            validation_data = _NoAutotuneAdapter.of(
+                *keras.utils.unpack_x_y_sample_weight(validation_data),
+                batch_size=validation_batch_size or batch_size, steps=validation_steps)
+        data = _NoAutotuneAdapter.of(x, y, sample_weight, batch_size, steps_per_epoch, shuffle,
+                                     class_weight)
+        return super().fit(data, epochs=epochs, verbose=verbose, callbacks=callbacks,
+                           validation_data=validation_data, initial_epoch=initial_epoch,
+                           steps_per_epoch=steps_per_epoch, validation_steps=validation_steps,
+                           validation_freq=validation_freq)
+
+    def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", sample_weight=None,
+                 steps=None, **kwargs):
+        data = _NoAutotuneAdapter.of(x, y, sample_weight, batch_size, steps)
+        return super().evaluate(data, verbose=verbose, steps=steps, **kwargs)
+
+    def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
+        data = _NoAutotuneAdapter.of(x, batch_size=batch_size, steps=steps)
+        return super().predict(data, verbose=verbose, steps=steps, callbacks=callbacks)
 
     def _unpack(self, data):
         """(images, k-hot labels, [(target label ids, target images), ...], sample weights
