@@ -2,6 +2,7 @@
 
   python benchmarks/input_pipeline.py --dataset=mnist --data_dir=DIR --batch_size=128
   python benchmarks/input_pipeline.py --data_dir=DIR --random_shift=2   # 0-shift file
+  python benchmarks/input_pipeline.py --dataset=multimnist --data_dir=DIR  # pairs on the fly
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from absl import app, flags  # noqa: E402
 
 import input_data  # noqa: E402
 
-flags.DEFINE_string("dataset", "mnist", "mnist, cifar10 or norb.")
-flags.DEFINE_string("data_dir", None, "The data set's directory (PREFIX@N for MultiMNIST).")
+flags.DEFINE_string("dataset", "mnist", "mnist, multimnist, cifar10 or norb.")
+flags.DEFINE_string("data_dir", None, "The data set's directory (PREFIX@N for MultiMNIST "
+                    "records; multimnist: the MNIST IDX files' directory).")
 flags.DEFINE_enum("split", "train", ["train", "test"], "Split to read.")
 flags.DEFINE_integer("batch_size", 128, "Examples per batch.")
-flags.DEFINE_integer("num_targets", 1, "2 for MultiMNIST.")
+flags.DEFINE_integer("num_targets", None, "2 for MultiMNIST records (default: the data set's).")
 flags.DEFINE_integer("random_shift", 0, "On-the-fly shift of the 0-shift MNIST file.")
 flags.DEFINE_boolean("distort", False, "MNIST crop-and-rotate distortion.")
 flags.DEFINE_integer("warmup", 20, "Batches read before timing (fills the shuffle buffer).")

@@ -6,6 +6,9 @@ formulation (`ReferenceCapsNet` below):
   - training images/s through `model.fit` (Adam of `compile()`, a repeated
     in-memory tf.data dataset of random 28x28x1 images and int labels),
   - evaluation images/s through `model.predict`,
+  - the fit row: whole calls of `model.fit` of --fit_steps steps (the iterator's end
+    included, where tf.data's autotune stall would show) against the same steps in the
+    package's own loop and in `keras.Model.fit` without the package's adapter,
 at each batch size of --batch_sizes; the float32 matmul GFLOP/s of the same
 TensorFlow (2048x2048, tf.function); the FLOPs per image counted from the
 layer shapes; and the peak memory of a step. Every measurement is repeated
@@ -54,6 +57,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from capsules import CapsNet, default_hparams  # noqa: E402
+from input_data.builder import without_autotune  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -308,6 +312,33 @@ def measure_eval(model, batch_size: int, warmup: int, steps: int, memory: bool =
     return result
 
 
+def measure_fit_and_loop(model, batch_size: int, steps: int) -> dict:
+    """Images/s over whole calls of `steps` training steps, the iterator's end included:
+    'fit' (the package's model.fit, on an autotuned dataset as users write it), 'keras_fit'
+    (keras.Model.fit on the same model and dataset, i.e. without the package's adapter)
+    and 'loop' (the package's own loop, capsules/training.py: a tf.function of
+    optimize_step over an iterator of a dataset without autotune, as input_data builds)."""
+    data = random_dataset(batch_size)
+    step = tf.function(model.optimize_step)
+
+    def loop(count):
+        batches = iter(without_autotune(data))
+        for _ in range(count):
+            float(step(next(batches))["loss"])
+
+    calls = {"fit": lambda count: model.fit(data, steps_per_epoch=count, verbose=0),
+             "keras_fit": lambda count: keras.Model.fit(model, data, steps_per_epoch=count,
+                                                        verbose=0),
+             "loop": loop}
+    result = {}
+    for name, call in calls.items():
+        call(1)  # traces
+        start = time.perf_counter()
+        call(steps)
+        result[name] = steps * batch_size / (time.perf_counter() - start)
+    return result
+
+
 def matmul_gflops(size: int, iterations: int, dtype=tf.float32) -> float:
     """Best GFLOP/s of a size x size matmul of `dtype` in a tf.function."""
     a = tf.cast(tf.random.normal([size, size], seed=1), dtype)
@@ -342,6 +373,8 @@ def _define_flags():
     flags.DEFINE_integer("warmup", 2, "Untimed steps (tracing, first calls) before timing.")
     flags.DEFINE_integer("train_steps", 5, "Timed training steps per model and batch size.")
     flags.DEFINE_integer("eval_steps", 10, "Timed predict steps per model and batch size.")
+    flags.DEFINE_integer("fit_steps", 5, "Training steps per call of the fit row (model.fit "
+                         "against the package's own loop, whole calls).")
     flags.DEFINE_integer("rounds", 2, "Measure everything this many times, alternating the "
                          "models, and keep each one's best (for a noisy machine).")
     flags.DEFINE_integer("matmul_size", 2048, "Matrix size of the matmul ceiling.")
@@ -415,6 +448,7 @@ def main(argv: list[str]) -> None:
     eval_flops = sum(v for k, v in flops.items() if k != "decoder")
 
     results: dict[tuple[str, str, int], dict] = {}
+    fit_rates: dict[str, float] = {}
     for round_index in range(f.rounds):
         for batch_size in batch_sizes:
             for mode, measure, steps in (("train", measure_train, f.train_steps),
@@ -435,6 +469,11 @@ def main(argv: list[str]) -> None:
                     print(f"  {name} {mode} batch {batch_size}: "
                           + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
                                       for k, v in result.items()), flush=True)
+        calls = measure_fit_and_loop(package, batch_sizes[0], f.fit_steps)
+        print(f"  package fit/keras_fit/loop batch {batch_sizes[0]}: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in calls.items()), flush=True)
+        for name, rate in calls.items():
+            fit_rates[name] = max(fit_rates.get(name, 0.0), rate)
 
     # The ceiling is the best of a measurement before and one after the models ran.
     gflops = max(gflops, matmul_gflops(f.matmul_size, f.matmul_iterations))
@@ -475,6 +514,11 @@ def main(argv: list[str]) -> None:
           f"{os.getloadavg()[0]:.2f}")
 
     first = batch_sizes[0]
+    print(f"\nfit row (package float32, batch {first}, {f.fit_steps} steps per call, whole "
+          f"calls): model.fit {fit_rates['fit']:.1f} images/s, keras.Model.fit (no adapter) "
+          f"{fit_rates['keras_fit']:.1f}, the package's own loop {fit_rates['loop']:.1f}")
+    print(f"fit_vs_own_loop={fit_rates['fit'] / fit_rates['loop']:.3f} "
+          f"keras_fit_vs_own_loop={fit_rates['keras_fit'] / fit_rates['loop']:.3f}")
 
     def rate(name, mode):
         return results[(name, mode, first)].get("images_per_s", float("nan"))

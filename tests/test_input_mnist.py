@@ -377,7 +377,7 @@ def test_missing_files_and_bad_names(tmp_path):
     with pytest.raises(ValueError, match="expected PREFIX@N"):
         input_data.inputs("mnist", "test", str(tmp_path), 4, num_targets=2)
     with pytest.raises(ValueError, match="unknown dataset 'svhn'; expected one of: mnist, "
-                                         "cifar10, norb"):
+                                         "multimnist, cifar10, norb"):
         input_data.inputs("svhn", "test", str(tmp_path), 4)
     with pytest.raises(ValueError, match="unknown split 'valid'; expected one of: train, test"):
         input_data.inputs("mnist", "valid", str(tmp_path), 4)
