@@ -36,7 +36,7 @@ from capsules.errors import UsageError
 from capsules.export import export_weights
 from capsules.models import CapsNet
 from capsules.training import NonFiniteLossError
-from input_data.mnist import mnist_shift
+from input_data.mnist import idx, mnist_shift
 from input_data.mnist.record_names import record_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -395,6 +395,23 @@ def test_multimnist_training_and_evaluation_print_the_almost_line(data, tmp_path
 
 
 @pytest.mark.slow
+def test_multimnist_made_on_the_fly_from_the_idx_files(tmp_path):
+    rng = np.random.default_rng(1)
+    for (images_name, labels_name), count in ((idx.TRAIN_FILES, 12), (idx.TEST_FILES, 6)):
+        pixels = np.zeros((count, 28, 28), np.uint8)
+        pixels[:, 4:-4, 4:-4] = rng.integers(0, 256, (count, 20, 20))
+        (tmp_path / images_name).write_bytes(idx.encode_images(pixels))
+        (tmp_path / labels_name).write_bytes(idx.encode_labels(np.arange(count) % 10))
+    args = [f"--data_dir={tmp_path}", "--dataset=multimnist", "--num_targets=2"]
+    run(*args, f"--summary_dir={tmp_path / 'run'}", "--max_steps=1", "--batch_size=4",
+        f"--hparams_override={SMALL}")
+    checkpoint = str(tmp_path / "run" / "train" / "model.ckpt-1")
+    _, stdout = run(*args, "--train=false", f"--checkpoint={checkpoint}", "--num_pairs=2",
+                    "--eval_size=12")
+    figures = report(stdout)
+    assert figures["total"] == 12 and "almost" in figures, stdout
+
+
 def test_evaluation_watches_summary_dir_and_writes_test_summaries(data, first_run,
                                                                   resumed_run):
     summary_dir = first_run["train_dir"].parent
@@ -501,6 +518,9 @@ def _bad_input_cases():
          ["random_shift=2", "single-digit mnist"]),
         ("checkpoint_of_other_data", evaluated("--num_targets=2"),
          ["takes 28x28x1 images", "--num_targets=2", "36x36x1"]),
+        ("multimnist_one_target", trained("--dataset=multimnist"),
+         ["multimnist", "num_targets=1", "expected num_targets=2"]),
+        ("num_pairs_for_mnist", evaluated("--num_pairs=2"), ["num_pairs=2", "only for multimnist"]),
     ]
 
 
