@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from capsules.hparams import HParams
 from capsules.models import CapsNet
+from input_data import builder
 
 # Without the fix about half of these idle gaps last 0.02-0.5 s here (until the autotune
 # thread's next run); with it they take a few milliseconds.
@@ -80,3 +81,14 @@ def test_fit_evaluate_predict_do_not_idle_after_their_steps():
     assert len(gaps.gaps) == 12, gaps.gaps
     idle = {name: round(gap, 3) for name, gap in gaps.gaps.items() if gap > MAX_IDLE_S}
     assert not idle, f"idle after the last step (s): {idle}"
+
+
+def test_the_package_pipelines_run_without_autotune():
+    reader = builder.Reader(decode=lambda name, record: {"x": record},
+                            parse_train=lambda data, seed: data, parse_eval=lambda data: data,
+                            shuffle_buffer=2)
+    records = tf.data.Dataset.from_tensor_slices((["file"] * 4, [1, 2, 3, 4]))
+    for is_training in (True, False):
+        ds = builder.build(reader, records, 2, is_training, seed=0)
+        assert ds.options().autotune.enabled is False
+        assert sorted(np.concatenate([b["x"] for b in ds.as_numpy_iterator()])) == [1, 2, 3, 4]
