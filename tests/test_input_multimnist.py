@@ -176,3 +176,14 @@ def test_bad_arguments_and_missing_files_name_what_is_wrong(mnist, tmp_path):
     with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte not found; make it "
                                                 "with: python -m input_data.mnist.fetch"):
         input_data.inputs("multimnist", "test", str(tmp_path), 4)
+
+
+def test_shards_take_alternate_batches_of_the_stream(mnist):
+    def batches(shard=None):
+        ds = input_data.inputs("multimnist", "train", mnist["dir"], 4, repeat=True, seed=2,
+                               shard=shard)
+        return list(ds.take(4).as_numpy_iterator())
+
+    whole, first, second = batches(), batches((2, 0)), batches((2, 1))
+    for i, batch in enumerate(whole):
+        np.testing.assert_array_equal(batch["images"], (first, second)[i % 2][i // 2]["images"])
