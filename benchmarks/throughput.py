@@ -57,7 +57,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from capsules import CapsNet, default_hparams  # noqa: E402
-from input_data.builder import without_autotune  # noqa: E402
+from capsules.tf_data import without_autotune  # noqa: E402
 
 FLAGS = flags.FLAGS
 

@@ -20,7 +20,7 @@ from capsules import features as keys
 from capsules import layers, losses
 from capsules.hparams import HParams, default_hparams
 from capsules.optimizers import reference_optimizer
-from input_data.builder import without_autotune
+from capsules.tf_data import without_autotune
 
 _PACKAGE = "capsules"
 
@@ -249,7 +249,7 @@ class _ReferenceModel(keras.Model):
     # -- Input without tf.data's autotune stall (README 'Speed') ------------------------
     # Keras drops its tf.data iterator at the end of every fit, evaluate and predict, and of
     # every epoch of a finite dataset; with autotune on, that can block for up to 60 s in
-    # TensorFlow 2.21 (input_data.builder.without_autotune). So whatever these receive
+    # TensorFlow 2.21 (capsules.tf_data.without_autotune). So whatever these receive
     # (arrays, datasets, generators) goes through Keras' own adapter, its pipeline
     # without autotune.
     def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None,

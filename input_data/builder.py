@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import tensorflow as tf
 
 from capsules.errors import UsageError
+from capsules.tf_data import without_autotune
 
 Features = dict[str, tf.Tensor]
 
@@ -29,19 +30,6 @@ class Reader:
     parse_train: Callable[[Features, tf.Tensor], Features]
     parse_eval: Callable[[Features], Features]
     shuffle_buffer: int
-
-
-def without_autotune(ds: tf.data.Dataset) -> tf.data.Dataset:
-    """`ds` with tf.data's autotuning off (its AUTOTUNE values keep their static defaults).
-
-    Dropping an iterator of an autotuned dataset can block for up to 60 s: the iterator's
-    destructor cancels tf.data's autotune thread and joins it, and the thread, woken before
-    the cancellation is flagged, sleeps until its next scheduled run (TensorFlow 2.21;
-    README 'Speed'). Keras drops one at the end of every fit, evaluate and predict.
-    """
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    return ds.with_options(options)
 
 
 def file_records(files: Sequence[str], read: Callable[[tf.Tensor], tf.data.Dataset],

@@ -22,7 +22,8 @@ import numpy as np
 import tensorflow as tf
 
 from capsules.errors import UsageError
-from input_data.builder import Features, without_autotune
+from capsules.tf_data import without_autotune
+from input_data.builder import Features
 from input_data.mnist import mnist_input_record
 from input_data.mnist.mnist_shift import load_split, pair_plan
 
