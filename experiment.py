@@ -49,7 +49,7 @@ def define_flags(values: flags.FlagValues = FLAGS) -> None:
     string("hparams_override", None,
            "A string of form key=value,key=value to override the hparams of this experiment.")
     integer("max_steps", 1000, "Number of steps to train.", lower_bound=0)
-    enum("model", "capsule", ["capsule", "baseline"], "The model to use.")
+    enum("model", "capsule", ["capsule", "baseline", "em"], "The model to use.")
     enum("dataset", "mnist", ["mnist", "multimnist", "norb", "cifar10"],
          "The dataset to use (multimnist: pairs made on the fly from the MNIST IDX files, "
          "with --num_targets=2).")
@@ -217,13 +217,13 @@ def _test_result(config: Config, checkpoint: str):
 def run_training(config: Config) -> int:
     """Trains --model on --dataset to --max_steps in summary_dir/train; returns the last step."""
     from capsules import distribute, training
-    from capsules.hparams import default_hparams, parse_overrides
-    from capsules.models import build_model
+    from capsules.hparams import parse_overrides
+    from capsules.models import MODELS, build_model
 
     if not config.summary_dir:
         raise UsageError("--summary_dir is required for training")
     strategy = _strategy(config)  # before any other TensorFlow op
-    hparams = parse_overrides(default_hparams(), config.hparams_override)
+    hparams = parse_overrides(MODELS[config.model].hparams_class(), config.hparams_override)
     with strategy.scope():
         model = build_model(config.model, hparams, _dataset_info(config))
         model.compile()
@@ -306,10 +306,11 @@ def _precision(mixed_bfloat16: bool) -> Iterator[None]:
 def run(config: Config):
     """Trains (--train), evaluates an ensemble (--num_trials > 1) or evaluates; returns what
     the run function returns."""
-    from capsules.hparams import default_hparams, parse_overrides
+    from capsules.hparams import parse_overrides
+    from capsules.models import MODELS
 
     try:  # checked before any work, in every mode
-        parse_overrides(default_hparams(), config.hparams_override)
+        parse_overrides(MODELS[config.model].hparams_class(), config.hparams_override)
     except ValueError as error:
         raise UsageError(f"--hparams_override: {error}") from None
     with _precision(config.mixed_bfloat16):

@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from capsules import models
 from capsules.errors import MissingFileError, UsageError
-from capsules.hparams import HParams, default_hparams, parse_overrides
+from capsules.hparams import HParams, ValidatedHParams, parse_overrides
 
 RUN_FILE = "hparams.json"
 """The run file's name (hparams.json: older run files held the hparams and flags only)."""
@@ -33,13 +33,13 @@ class RunFile:
       model: the model's name in `capsules.models.MODELS` ('capsule', 'baseline', ...).
       config: the model's `get_config()` without the hparams (input_shape, num_classes,
         num_targets, name); None in an older run file.
-      hparams: the run's hyper-parameters.
+      hparams: the run's hyper-parameters (of the model's `hparams_class`).
       flags: the run's flags (dataset, batch_size, seed, ...).
     """
 
     model: str | None
     config: dict[str, Any] | None
-    hparams: HParams
+    hparams: ValidatedHParams
     flags: dict[str, Any]
 
 
@@ -83,8 +83,10 @@ def read_run_file(checkpoint_path: str) -> RunFile | None:
         return None
     with open(path) as handle:
         content = json.load(handle)
+    # Older run files (no "model") are CapsNet's or ConvBaseline's: HParams.
+    known = models.MODELS.get(content.get("model"))
     try:
-        hparams = HParams(**content["hparams"])
+        hparams = (known.hparams_class if known else HParams)(**content["hparams"])
     except (KeyError, TypeError, ValueError) as error:
         raise UsageError(f"{path}: no valid hparams ({error})") from None
     if "config" in content:
@@ -140,7 +142,8 @@ def load_model(checkpoint_path: str, hparams_override: str | None = None, *,
         raise UsageError(f"checkpoint {checkpoint_path}: unknown model {name!r}; expected one "
                          f"of: {', '.join(models.MODELS)}")
     try:
-        hparams = parse_overrides(run.hparams if run else default_hparams(), hparams_override)
+        hparams = parse_overrides(run.hparams if run else models.MODELS[name].hparams_class(),
+                                  hparams_override)
     except ValueError as error:
         raise UsageError(f"hparams_override: {error}") from None
     built = models.MODELS[name].from_config({**config, "hparams": hparams.to_dict()})

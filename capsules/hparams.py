@@ -3,17 +3,57 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
-_CHOICES = {
-    "loss_type": ("margin", "softmax", "sigmoid"),
-    "padding": ("VALID", "SAME"),
-    "loss_form": ("reference", "paper"),
-}
-_POSITIVE = ("decay_rate", "decay_steps", "learning_rate", "num_prime_capsules", "routing")
+
+class ValidatedHParams:
+    """Checks shared by the hyper-parameter dataclasses (HParams, EMHParams).
+
+    A frozen dataclass subclass declares its fields with defaults (whose types
+    are the expected ones), `_CHOICES` (field -> allowed values) and `_POSITIVE`
+    (fields that must be > 0).
+    """
+
+    _CHOICES: ClassVar[dict] = {}
+    _POSITIVE: ClassVar[tuple] = ()
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            expected = _field_type(type(self), field.name)
+            if expected is float and type(value) is int:
+                value = float(value)
+                object.__setattr__(self, field.name, value)
+            if type(value) is not expected:
+                raise ValueError(
+                    f"hparam {field.name}={value!r}: expected {expected.__name__}"
+                )
+        for name, allowed in self._CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"hparam {name}={getattr(self, name)!r}: allowed values are "
+                    + ", ".join(allowed)
+                )
+        for name in self._POSITIVE:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"hparam {name}={getattr(self, name)!r}: must be > 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes):
+        """A copy with `changes`; an unknown name raises ValueError listing the known ones."""
+        names = _names(type(self))
+        unknown = sorted(set(changes) - set(names))
+        if unknown:
+            raise ValueError(
+                f"unknown hparam {', '.join(unknown)}; allowed: {', '.join(names)}"
+            )
+        return dataclasses.replace(self, **changes)
 
 
 @dataclasses.dataclass(frozen=True)
-class HParams:
+class HParams(ValidatedHParams):
     """The reference's hyper-parameters (experiment.py `default_hparams`), plus `loss_form`.
 
     Attributes:
@@ -43,46 +83,22 @@ class HParams:
     verbose: bool = False
     loss_form: str = "reference"
 
-    def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            expected = _field_type(field.name)
-            if expected is float and type(value) is int:
-                value = float(value)
-                object.__setattr__(self, field.name, value)
-            if type(value) is not expected:
-                raise ValueError(
-                    f"hparam {field.name}={value!r}: expected {expected.__name__}"
-                )
-        for name, allowed in _CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"hparam {name}={getattr(self, name)!r}: allowed values are "
-                    + ", ".join(allowed)
-                )
-        for name in _POSITIVE:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"hparam {name}={getattr(self, name)!r}: must be > 0")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def replace(self, **changes) -> HParams:
-        """A copy with `changes`; an unknown name raises ValueError listing the known ones."""
-        unknown = sorted(set(changes) - set(_names()))
-        if unknown:
-            raise ValueError(
-                f"unknown hparam {', '.join(unknown)}; allowed: {', '.join(_names())}"
-            )
-        return dataclasses.replace(self, **changes)
+    _CHOICES: ClassVar[dict] = {
+        "loss_type": ("margin", "softmax", "sigmoid"),
+        "padding": ("VALID", "SAME"),
+        "loss_form": ("reference", "paper"),
+    }
+    _POSITIVE: ClassVar[tuple] = (
+        "decay_rate", "decay_steps", "learning_rate", "num_prime_capsules", "routing"
+    )
 
 
-def _names() -> list[str]:
-    return [field.name for field in dataclasses.fields(HParams)]
+def _names(cls: type) -> list[str]:
+    return [field.name for field in dataclasses.fields(cls)]
 
 
-def _field_type(name: str) -> type:
-    return type(getattr(HParams, name))
+def _field_type(cls: type, name: str) -> type:
+    return type(getattr(cls, name))
 
 
 def default_hparams() -> HParams:
@@ -90,8 +106,8 @@ def default_hparams() -> HParams:
     return HParams()
 
 
-def _parse_value(name: str, text: str):
-    expected = _field_type(name)
+def _parse_value(cls: type, name: str, text: str):
+    expected = _field_type(cls, name)
     if expected is bool:
         lowered = text.strip().lower()
         if lowered not in ("true", "false", "1", "0"):
@@ -103,7 +119,7 @@ def _parse_value(name: str, text: str):
         raise ValueError(f"hparam {name}={text!r}: expected {expected.__name__}") from None
 
 
-def parse_overrides(hparams: HParams, overrides: str | None) -> HParams:
+def parse_overrides(hparams: ValidatedHParams, overrides: str | None) -> ValidatedHParams:
     """Applies "key=value,key=value" (the reference's --hparams_override) to `hparams`.
 
     Returns new HParams; raises ValueError naming the key for an unknown key, a
@@ -117,7 +133,8 @@ def parse_overrides(hparams: HParams, overrides: str | None) -> HParams:
         key = key.strip()
         if not sep or not key:
             raise ValueError(f"hparams override {pair!r}: expected key=value")
-        if key not in _names():
-            raise ValueError(f"unknown hparam {key!r}; allowed: {', '.join(_names())}")
-        changes[key] = _parse_value(key, value)
+        names = _names(type(hparams))
+        if key not in names:
+            raise ValueError(f"unknown hparam {key!r}; allowed: {', '.join(names)}")
+        changes[key] = _parse_value(type(hparams), key, value)
     return hparams.replace(**changes)

@@ -16,9 +16,10 @@ import tensorflow as tf
 from keras.src.trainers.data_adapters import array_slicing, get_data_adapter
 from keras.src.trainers.data_adapters.data_adapter import DataAdapter
 
+from capsules import em_layers, layers, losses
 from capsules import features as keys
-from capsules import layers, losses
-from capsules.hparams import HParams, default_hparams
+from capsules.em_hparams import EMHParams
+from capsules.hparams import HParams
 from capsules.optimizers import reference_optimizer
 from capsules.tf_data import without_autotune
 
@@ -91,6 +92,9 @@ class _ReferenceModel(keras.Model):
     under a mixed policy, see the subclasses).
     """
 
+    # The dataclass of the model's hyper-parameters; its defaults are the model's.
+    hparams_class = HParams
+
     def __init__(
         self,
         hparams: HParams | None = None,
@@ -100,9 +104,13 @@ class _ReferenceModel(keras.Model):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.hparams = hparams if hparams is not None else default_hparams()
-        if not isinstance(self.hparams, HParams):
-            raise ValueError(f"hparams must be capsules.hparams.HParams, got {hparams!r}")
+        hparams_class = type(self).hparams_class
+        self.hparams = hparams if hparams is not None else hparams_class()
+        if not isinstance(self.hparams, hparams_class):
+            raise ValueError(
+                f"hparams of {type(self).__name__} must be {hparams_class.__module__}."
+                f"{hparams_class.__name__}, got {hparams!r}"
+            )
         input_shape = tuple(input_shape)
         if len(input_shape) != 3 or not all(isinstance(d, int) and d > 0 for d in input_shape):
             raise ValueError(f"input_shape must be (height, width, depth), got {input_shape}")
@@ -343,7 +351,7 @@ class _ReferenceModel(keras.Model):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        config["hparams"] = HParams(**config["hparams"])
+        config["hparams"] = cls.hparams_class(**config["hparams"])
         return cls(**config)
 
 
@@ -519,11 +527,138 @@ class ConvBaseline(_ReferenceModel):
         return self.softmax_layer(self.fc1(hidden)), None
 
 
-MODELS = {"capsule": CapsNet, "baseline": ConvBaseline}
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class EMCapsNet(_ReferenceModel):
+    """Matrix capsules with EM routing (Hinton, Sabour and Frosst, 2018; the official capsule_em).
+
+    ReLU convolution (A channels, 5x5, stride 2, VALID) -> primary matrix capsules
+    (B types, 1x1) -> convolutional capsules (C types, K=3, stride 2) -> convolutional
+    capsules (D types, K=3, stride 1) -> class capsules (one per class, coordinate
+    addition), EM routing with `hparams.routing` iterations in the last three. The
+    logits are the class capsules' activations. Loss: the spread loss, its margin
+    rising from margin_start to margin_end over margin_steps steps, plus weight decay
+    on the kernels; Adam on the official schedule with gradients clipped at +-200.
+
+    Args:
+      hparams: `capsules.em_hparams.EMHParams`; default the official code's.
+      input_shape: (height, width, depth) of the images (smallNORB: 32x32x2).
+      num_classes: class capsules.
+      num_targets: labelled classes per image (the spread loss pairs each with every
+        unlabelled class).
+
+    Call: images `[batch, height, width, depth]` -> activations `[batch, num_classes]`.
+
+    Example:
+      >>> model = EMCapsNet()  # 316,650 parameters, smallNORB
+      >>> model.compile()
+      >>> model.fit(images, labels, batch_size=64)  # labels: class ids or one-hot
+    """
+
+    hparams_class = EMHParams
+
+    def __init__(self, hparams=None, input_shape=(32, 32, 2), num_classes=5, num_targets=1,
+                 **kwargs):
+        super().__init__(hparams, input_shape, num_classes, num_targets, **kwargs)
+        hp = self.hparams
+        # The official simple_model.add_convs: truncated normal 0.05, biases 0.1.
+        self.conv1 = keras.layers.Conv2D(
+            hp.conv1_channels, 5, strides=2, padding="valid", activation="relu",
+            kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.05),
+            bias_initializer=keras.initializers.Constant(0.1), name="conv1",
+        )
+        self.primary_capsules = em_layers.PrimaryMatrixCapsule(
+            hp.primary_capsules, name="primary_capsules"
+        )
+        self.conv_capsules1 = em_layers.ConvMatrixCapsule(
+            hp.conv_capsules1, kernel_size=3, strides=2, num_routing=hp.routing,
+            final_lambda=hp.final_lambda, name="conv_capsules1",
+        )
+        self.conv_capsules2 = em_layers.ConvMatrixCapsule(
+            hp.conv_capsules2, kernel_size=3, strides=1, num_routing=hp.routing,
+            final_lambda=hp.final_lambda, name="conv_capsules2",
+        )
+        self.class_capsules = em_layers.ClassMatrixCapsule(
+            num_classes, num_routing=hp.routing, coordinate_addition=hp.coordinate_addition,
+            final_lambda=hp.class_final_lambda, name="class_capsules",
+        )
+        self.build((None, *input_shape))
+
+    @property
+    def capsule_layers(self) -> list[keras.layers.Layer]:
+        return [self.primary_capsules, self.conv_capsules1, self.conv_capsules2,
+                self.class_capsules]
+
+    def build(self, input_shape):
+        self.conv1.build(input_shape)
+        shape = self.conv1.compute_output_shape(input_shape)
+        for layer in self.capsule_layers:
+            layer.build(shape)
+            shape = layer.compute_output_shape(shape)
+        self.built = True
+
+    def compile(self, optimizer=None, **kwargs):
+        """As keras.Model.compile; with no optimizer, Adam on the official schedule and clipping."""
+        if optimizer is None:
+            optimizer = reference_optimizer(self.hparams, clipvalue=self.hparams.gradient_clip)
+        super().compile(optimizer=optimizer, **kwargs)
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.classification_tracker, self.correct_tracker] + (
+            [self.almost_tracker] if self.num_targets == 2 else []
+        )
+
+    def class_capsule_outputs(self, images, training=False) -> tuple[tf.Tensor, tf.Tensor]:
+        """Class capsules of images: poses `[batch, num_classes, 4, 4]` and activations
+        `[batch, num_classes]`."""
+        capsules = self.conv1(images, training=training)
+        for layer in self.capsule_layers:
+            capsules = layer(capsules, training=training)
+        return capsules
+
+    def _forward(self, images, training):
+        poses, activations = self.class_capsule_outputs(images, training=training)
+        return activations, poses
+
+    def margin(self) -> tf.Tensor:
+        """The spread loss's margin at the optimizer's step (margin_end before compile)."""
+        hp = self.hparams
+        if self.optimizer is None:
+            return tf.constant(hp.margin_end)
+        progress = tf.cast(self.optimizer.iterations, tf.float32) / hp.margin_steps
+        return hp.margin_start + (hp.margin_end - hp.margin_start) * tf.minimum(progress, 1.0)
+
+    @property
+    def kernels(self) -> list:
+        """The weights under weight decay: every kernel, not the biases or betas."""
+        return [self.conv1.kernel, self.primary_capsules.pose_kernel,
+                self.primary_capsules.activation_kernel, self.conv_capsules1.kernel,
+                self.conv_capsules2.kernel, self.class_capsules.kernel]
+
+    def compute_losses(self, data, training: bool = False) -> dict:
+        """Spread loss and weight decay on one batch (dict as `_ReferenceModel.compute_losses`)."""
+        images, labels, _ = self._unpack(data)
+        activations, _ = self._forward(images, training=training)
+        spread = losses.spread_loss(labels, activations, self.margin())
+        # The official tf.nn.l2_loss: sum(w^2) / 2.
+        decay = self.hparams.weight_decay * tf.add_n([tf.nn.l2_loss(w) for w in self.kernels])
+        return {
+            "loss": spread + decay,
+            "classification_loss": spread,
+            "reconstruction_loss": tf.constant(0.0),
+            "logits": activations,
+            "labels": labels,
+        }
 
 
-def build_model(name: str, hparams: HParams, info) -> _ReferenceModel:
-    """The model `name` ('capsule' or 'baseline') for the images of an `input_data.DatasetInfo`."""
+MODELS = {"capsule": CapsNet, "baseline": ConvBaseline, "em": EMCapsNet}
+
+
+def build_model(name: str, hparams, info) -> _ReferenceModel:
+    """The model `name` (a key of MODELS) for the images of an `input_data.DatasetInfo`.
+
+    hparams: of the model's `hparams_class`.
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; expected one of: {', '.join(MODELS)}")
     return MODELS[name](

@@ -306,3 +306,4 @@ def margin_loss(
     positive_cost = labels * tf.square(tf.nn.relu(margin - logits))
     negative_cost = (1.0 - labels) * tf.square(tf.nn.relu(logits + margin))
     return 0.5 * positive_cost + downweight * 0.5 * negative_cost
+from capsules.em_routing import conv_em_routing, em_routing  # noqa: E402, F401

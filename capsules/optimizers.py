@@ -36,7 +36,11 @@ class ReferenceDecay(keras.optimizers.schedules.LearningRateSchedule):
         }
 
 
-def reference_optimizer(hparams: HParams) -> keras.optimizers.Optimizer:
-    """Adam (epsilon 1e-8, TF1's default; Keras' is 1e-7) on the reference schedule."""
+def reference_optimizer(hparams: HParams, clipvalue: float | None = None
+                        ) -> keras.optimizers.Optimizer:
+    """Adam (epsilon 1e-8, TF1's default; Keras' is 1e-7) on the reference schedule.
+
+    clipvalue: clip every gradient element to [-clipvalue, clipvalue] (the EM code's 200).
+    """
     schedule = ReferenceDecay(hparams.learning_rate, hparams.decay_steps, hparams.decay_rate)
-    return keras.optimizers.Adam(learning_rate=schedule, epsilon=1e-8)
+    return keras.optimizers.Adam(learning_rate=schedule, epsilon=1e-8, clipvalue=clipvalue)

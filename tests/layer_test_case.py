@@ -5,7 +5,8 @@
 holding the layer as `.keras` with equal outputs, runs a fit step that
 changes the weights, and runs Keras' mixed-precision check (under
 "mixed_bfloat16" the weights stay float32 and each output has the dtype
-`compute_output_spec` gives).
+`compute_output_spec` gives). Inputs and outputs may be single tensors or
+lists/tuples of them (then `expected_output_shape` is a tuple of shapes).
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ def run_layer_test(layer_cls, init_kwargs: dict, inputs, expected_output_shape: 
     """Runs the shared checks and returns the built layer."""
     inputs = _as_list(inputs)
     single = len(inputs) == 1
+    several_outputs = isinstance(expected_output_shape[0], (list, tuple))
+    expected = [tuple(shape) for shape in
+                (expected_output_shape if several_outputs else [expected_output_shape])]
     layer = layer_cls(**init_kwargs)
-    outputs = layer(inputs[0] if single else inputs)
-    assert tuple(outputs.shape) == tuple(expected_output_shape)
+    outputs = _as_list(layer(inputs[0] if single else inputs))
+    assert [tuple(output.shape) for output in outputs] == expected
     input_shapes = [tuple(x.shape) for x in inputs]
     predicted = layer.compute_output_shape(input_shapes[0] if single else input_shapes)
-    assert tuple(predicted) == tuple(expected_output_shape)
+    assert [tuple(shape) for shape in (predicted if several_outputs else [predicted])] == expected
 
     # Config round trip: every constructor argument survives.
     config = layer.get_config()
@@ -43,14 +47,16 @@ def run_layer_test(layer_cls, init_kwargs: dict, inputs, expected_output_shape: 
     path = os.path.join(tmp_path, "model.keras")
     model.save(path)
     loaded = keras.models.load_model(path)
-    np.testing.assert_allclose(
-        np.asarray(loaded(inputs)), np.asarray(model(inputs)), rtol=1e-6, atol=1e-6
-    )
+    for reloaded, original in zip(_as_list(loaded(inputs)), _as_list(model(inputs)),
+                                  strict=True):
+        np.testing.assert_allclose(np.asarray(reloaded), np.asarray(original), rtol=1e-6,
+                                   atol=1e-6)
 
     # One fit step runs; it changes the weights (if any) and leaves them finite.
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
     before = [w.copy() for w in model.get_weights()]
-    target = np.zeros_like(np.asarray(model(inputs))) + 0.5
+    target = [np.zeros_like(np.asarray(output)) + 0.5 for output in _as_list(model(inputs))]
+    target = target if several_outputs else target[0]
     history = model.fit(inputs, target, epochs=1, batch_size=len(inputs[0]), verbose=0)
     assert np.isfinite(history.history["loss"][0])
     after = model.get_weights()

@@ -1,0 +1,65 @@
+"""Hyper-parameters of the EM capsule network (EMCapsNet), the official capsule_em defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from capsules.hparams import ValidatedHParams
+
+
+@dataclasses.dataclass(frozen=True)
+class EMHParams(ValidatedHParams):
+    """EMCapsNet's hyper-parameters; defaults are the official experiment.py flags'.
+
+    Attributes:
+      conv1_channels, primary_capsules, conv_capsules1, conv_capsules2: A, B, C and D
+        of the paper (32 each, 316,650 parameters on smallNORB; the paper's small
+        model is 64, 8, 16, 16).
+      routing: EM iterations of the three routed layers (3).
+      final_lambda: final inverse temperature of the convolutional capsule layers
+        (--final_beta=0.01).
+      class_final_lambda: that of the class capsules (the official code's final_beta / 4).
+      coordinate_addition: add the voters' scaled positions to the class votes.
+      margin_start, margin_end, margin_steps: the spread loss's margin rises linearly
+        from margin_start to margin_end over margin_steps training steps, then stays
+        (the paper: 0.2 to 0.9; the official sigmoid passes 0.9 near step 300,000).
+      weight_decay: times sum(w^2) / 2 of every kernel (not of biases or betas), added
+        to the loss (2e-7).
+      learning_rate, decay_rate, decay_steps: Adam's learning rate is
+        learning_rate * decay_rate^(step / decay_steps) (0.01, 0.96, 20,000).
+      gradient_clip: every gradient element is clipped to [-gradient_clip, gradient_clip] (200).
+    """
+
+    conv1_channels: int = 32
+    primary_capsules: int = 32
+    conv_capsules1: int = 32
+    conv_capsules2: int = 32
+    routing: int = 3
+    final_lambda: float = 0.01
+    class_final_lambda: float = 0.0025
+    coordinate_addition: bool = True
+    margin_start: float = 0.2
+    margin_end: float = 0.9
+    margin_steps: int = 300_000
+    weight_decay: float = 2e-7
+    learning_rate: float = 0.01
+    decay_rate: float = 0.96
+    decay_steps: int = 20_000
+    gradient_clip: float = 200.0
+
+    _POSITIVE: ClassVar[tuple] = (
+        "conv1_channels", "primary_capsules", "conv_capsules1", "conv_capsules2", "routing",
+        "final_lambda", "class_final_lambda", "margin_steps", "learning_rate", "decay_rate",
+        "decay_steps", "gradient_clip",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.margin_start <= self.margin_end:
+            raise ValueError(
+                f"hparams margin_start={self.margin_start!r}, margin_end={self.margin_end!r}: "
+                "expected 0 <= margin_start <= margin_end"
+            )
+        if self.weight_decay < 0:
+            raise ValueError(f"hparam weight_decay={self.weight_decay!r}: must be >= 0")

@@ -1,0 +1,405 @@
+"""EM routing between matrix capsules ("Matrix capsules with EM routing", Hinton et al., 2018).
+
+The paper's procedure 1, with the choices the paper leaves open taken from the
+official code (google-research/google-research, capsule_em/em_layers.py):
+
+  M-step, for parents j and pose components h, children i:
+    r_ij = R_ij a_i,  m_j = sum_i r_ij,
+    mu_jh = sum_i r_ij V_ijh / m_j,
+    sigma2_jh = sum_i r_ij (V_ijh - mu_jh)^2 / m_j + 0.0005,
+    cost_j = m_j sum_h (c_v beta_v_j + ln sigma_jh),
+    a_j = sigmoid(lambda_t (c_a beta_a_j - cost_j));
+  E-step, in log space:
+    R_ij = softmax over the parents j of the child i of
+           ln a_j + ln N(V_ij; mu_j, sigma2_j) (a Gaussian with diagonal covariance).
+
+R starts uniform over each child's parents; lambda_t = final_lambda (1 - 0.95^(t+1))
+for t = 0..num_routing-1; the output is the last M-step's mu and a. Where the
+official code departs from the paper (a damped mean, per-type normalisation in the
+convolutional layers, ln sigma^2 in the cost) this module follows the paper; README.md
+"EM routing" lists each departure and why.
+
+Layout. Votes are routed as `[*groups, parents, children, 16]`: for every group
+(batch; batch and output position for a convolution) the M-step's sums over the
+children are one matrix product [1, children] x [children, 32] of the routes with
+the votes and their squares, and the E-step's squared distances one product
+[children, 32] x [32, 1] of the same tensor with (-2 mu / sigma2, 1 / sigma2). The
+convolutional E-step normalises each child over all parents that receive its votes
+(all output types at all covering positions, any stride) with segment sums over
+the flat child index of every (output position, kernel offset): tensors of 1/16 of
+the votes' size per output type, no tiles. The gradient is written out
+(`_route`): one matrix product forms the votes' gradient, instead of 2 num_routing - 1
+votes-sized outer products that autodiff would add up.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import tensorflow as tf
+
+from capsules.conv import conv_output_length, patch_indices
+
+POSE_SIZE = 16
+_LN_2PI = math.log(2.0 * math.pi)
+# The official code adds min_var = 0.0005 to every variance: a parent fed by one
+# child (or by identical votes) keeps a finite ln sigma and Gaussian density.
+VARIANCE_FLOOR = 0.0005
+# Added to each parent's mass so that a parent whose children are all inactive
+# gets mu = 0 instead of 0 / 0 (the official code: 1e-7 in conv layers, 1e-5 in the
+# class layer; a single value here, far below any real mass).
+_MASS_EPSILON = 1e-7
+# The official cost is m_j (sum_h ln sigma2_jh + 16 (1 + ln 2 pi) beta_v_j) and the
+# logit lambda (-cost - 5000 beta_a). In the paper's terms (ln sigma, + beta_a) that is
+# twice lambda (c_a beta_a - m_j sum_h (c_v beta_v_j + ln sigma_jh)) with these scales
+# (and beta_a of the opposite sign): c_v (1 + ln 2 pi) / 2 makes beta_v the offset of
+# each component's Gaussian entropy, c_a = 2500 lets beta_a reach the cost's magnitude
+# (a mass of tens times 16 components) without saturating the activations.
+BETA_V_SCALE = (1.0 + _LN_2PI) / 2.0
+BETA_A_SCALE = 2500.0
+
+
+def inverse_temperatures(num_routing: int, final_lambda: float) -> list[float]:
+    """lambda_t = final_lambda (1 - 0.95^(t+1)), t = 0..num_routing-1 (the official schedule)."""
+    return [final_lambda * (1.0 - 0.95 ** (t + 1)) for t in range(num_routing)]
+
+
+def _check_routing_args(num_routing: int, final_lambda: float) -> None:
+    if not isinstance(num_routing, int) or num_routing < 1:
+        raise ValueError(f"num_routing must be a positive integer, got {num_routing!r}")
+    if not final_lambda > 0:
+        raise ValueError(f"final_lambda must be > 0, got {final_lambda!r}")
+
+
+def em_routing(
+    votes: tf.Tensor,
+    activations: tf.Tensor,
+    beta_v: tf.Tensor,
+    beta_a: tf.Tensor,
+    num_routing: int = 3,
+    final_lambda: float = 0.01,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """EM routing, fully connected: every child votes for every parent.
+
+    Args:
+      votes: `[batch, input_dim, output_dim, 16]`, V_ij (4x4 poses read row-major).
+      activations: `[batch, input_dim]`, the children's a_i.
+      beta_v, beta_a: `[output_dim]`, one per output capsule type (see the module
+        docstring for their scales).
+      num_routing: EM iterations (M-steps), >= 1.
+      final_lambda: the inverse temperature's final value.
+
+    Returns:
+      poses `[batch, output_dim, 16]` (mu of the last M-step) and activations
+      `[batch, output_dim]` (its a_j).
+
+    Example:
+      >>> votes = tf.random.normal([8, 32, 10, 16])
+      >>> poses, acts = em_routing(votes, tf.ones([8, 32]), tf.zeros([10]), tf.zeros([10]))
+      >>> poses.shape, acts.shape
+      (TensorShape([8, 10, 16]), TensorShape([8, 10]))
+    """
+    _check_routing_args(num_routing, final_lambda)
+    votes = tf.convert_to_tensor(votes)
+    if votes.shape.rank != 4 or votes.shape[-1] != POSE_SIZE:
+        raise ValueError(f"votes must be [batch, input_dim, output_dim, 16], got {votes.shape}")
+    activations = tf.convert_to_tensor(activations, votes.dtype)
+    return route_dense(
+        tf.transpose(votes, [0, 2, 1, 3]), activations[:, None, :], beta_v, beta_a,
+        num_routing, final_lambda,
+    )
+
+
+def route_dense(votes, child_activations, beta_v, beta_a, num_routing, final_lambda):
+    """EM routing of votes already in the routing layout (no transpose).
+
+    votes `[batch, output_dim, input_dim, 16]`, child_activations `[batch, 1, input_dim]`;
+    returns as `em_routing`.
+    """
+    _check_routing_args(num_routing, final_lambda)
+    return _route(
+        votes, child_activations, _as_vector(beta_v, votes), _as_vector(beta_a, votes),
+        inverse_temperatures(num_routing, final_lambda), _softmax_over_parents,
+    )
+
+
+def conv_em_routing(
+    votes: tf.Tensor,
+    activations: tf.Tensor,
+    beta_v: tf.Tensor,
+    beta_a: tf.Tensor,
+    kernel_size: int,
+    strides: int,
+    num_routing: int = 3,
+    final_lambda: float = 0.01,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """EM routing of a "VALID" convolutional capsule layer.
+
+    The child (row, col, type t) votes, through kernel offset (ky, kx), for every
+    output type at each output position (oy, ox) with (oy s + ky, ox s + kx) =
+    (row, col). Its assignment probabilities sum to 1 over all those parents (all
+    output types at all covering positions), for any stride; border children have
+    fewer parents and start with larger uniform shares.
+
+    Args:
+      votes: `[batch, out_height, out_width, output_dim, kernel_size^2 * input_dim, 16]`,
+        the children of each output position in (ky, kx, t) order.
+      activations: `[batch, height, width, input_dim]`, the children's a_i.
+      beta_v, beta_a: `[output_dim]`, shared over positions.
+      kernel_size, strides: of the convolution ("VALID").
+      num_routing, final_lambda: as `em_routing`.
+
+    Returns:
+      poses `[batch, out_height, out_width, output_dim, 16]` and activations
+      `[batch, out_height, out_width, output_dim]`.
+    """
+    _check_routing_args(num_routing, final_lambda)
+    votes = tf.convert_to_tensor(votes)
+    activations = tf.convert_to_tensor(activations, votes.dtype)
+    _, height, width, input_dim = activations.shape
+    _, out_height, out_width, output_dim, children, _ = votes.shape
+    expected = (
+        conv_output_length(height, kernel_size, strides, "VALID"),
+        conv_output_length(width, kernel_size, strides, "VALID"),
+        kernel_size * kernel_size * input_dim,
+    )
+    if (out_height, out_width, children) != expected or votes.shape[-1] != POSE_SIZE:
+        raise ValueError(
+            f"votes of shape {votes.shape} do not fit activations of shape {activations.shape} "
+            f"with kernel_size={kernel_size}, strides={strides}: expected [batch, {expected[0]}, "
+            f"{expected[1]}, output_dim, {expected[2]}, 16]"
+        )
+    grid = ChildGrid(height, width, input_dim, kernel_size, strides)
+    positions = out_height * out_width
+    poses, parent_activations = _route(
+        tf.reshape(votes, [-1, positions, output_dim, children, POSE_SIZE]),
+        grid.child_activations(activations),
+        _as_vector(beta_v, votes),
+        _as_vector(beta_a, votes),
+        inverse_temperatures(num_routing, final_lambda),
+        grid.normalise,
+    )
+    return (
+        tf.reshape(poses, [-1, out_height, out_width, output_dim, POSE_SIZE]),
+        tf.reshape(parent_activations, [-1, out_height, out_width, output_dim]),
+    )
+
+
+class ChildGrid:
+    """Which child of a [height, width, input_dim] grid each vote of a "VALID" convolution reads.
+
+    The children of output position p and kernel offset k are the input position
+    `patch_indices(...)[p * k^2 + k]` (ordered as `capsules.conv.patch_indices`) and
+    all input types; votes list them per output position as (k, t).
+    """
+
+    def __init__(self, height: int, width: int, input_dim: int, kernel_size: int, strides: int):
+        self.height, self.width, self.input_dim = height, width, input_dim
+        self.kernel_area = kernel_size * kernel_size
+        indices = patch_indices(height, width, kernel_size, strides)
+        self.positions = len(indices) // self.kernel_area
+        self.indices = tf.constant(indices)
+
+    def gather(self, per_child: tf.Tensor) -> tf.Tensor:
+        """`[batch, height * width, ...]` -> `[batch, positions * k^2, ...]`, per vote."""
+        return tf.gather(per_child, self.indices, axis=1)
+
+    def child_activations(self, activations: tf.Tensor) -> tf.Tensor:
+        """`[batch, height, width, input_dim]` -> `[batch, positions, 1, k^2 * input_dim]`."""
+        flat = tf.reshape(activations, [-1, self.height * self.width, self.input_dim])
+        return tf.reshape(
+            self.gather(flat), [-1, self.positions, 1, self.kernel_area * self.input_dim]
+        )
+
+    def scatter_sum(self, per_vote: tf.Tensor) -> tf.Tensor:
+        """`[batch, positions * k^2, input_dim]` summed per child -> `[batch, h * w, input_dim]`."""
+        return self._per_child(per_vote, tf.math.unsorted_segment_sum)
+
+    def scatter_max(self, per_vote: tf.Tensor) -> tf.Tensor:
+        """As `scatter_sum` with the maximum."""
+        return self._per_child(per_vote, tf.math.unsorted_segment_max)
+
+    def _per_child(self, per_vote, segment_op):
+        batch = tf.shape(per_vote)[0]
+        cells = self.height * self.width
+        # One segment per (image, input position): ids [batch, positions * k^2].
+        ids = self.indices[None, :] + cells * tf.range(batch)[:, None]
+        reduced = segment_op(per_vote, ids, num_segments=batch * cells)
+        return tf.reshape(reduced, [batch, cells, self.input_dim])
+
+    def normalise(self, logits: tf.Tensor) -> tf.Tensor:
+        """Softmax of logits `[batch, positions, output_dim, k^2 * input_dim]` over the
+        parents of each child (all output types at all positions it reaches)."""
+        shape = tf.shape(logits)
+        per_vote = tf.reshape(
+            logits, [shape[0], self.positions, shape[2], self.kernel_area, self.input_dim]
+        )
+        # The per-child maximum only keeps exp in range; it cancels, so no gradient.
+        top = tf.reduce_max(per_vote, axis=2)  # [batch, positions, k^2, input_dim]
+        top = tf.stop_gradient(self._back_to_votes(self.scatter_max(self._flat(top))))
+        exp = tf.exp(per_vote - top[:, :, None])
+        total = self._back_to_votes(self.scatter_sum(self._flat(tf.reduce_sum(exp, axis=2))))
+        return tf.reshape(exp / total[:, :, None], shape)
+
+    def _flat(self, per_vote):
+        """[batch, positions, k^2, input_dim] -> [batch, positions * k^2, input_dim]."""
+        return tf.reshape(per_vote, [-1, self.positions * self.kernel_area, self.input_dim])
+
+    def _back_to_votes(self, per_child):
+        """[batch, h * w, input_dim] -> [batch, positions, k^2, input_dim]."""
+        return tf.reshape(
+            self.gather(per_child), [-1, self.positions, self.kernel_area, self.input_dim]
+        )
+
+
+def _as_vector(beta, votes) -> tf.Tensor:
+    return tf.reshape(tf.cast(beta, votes.dtype), [-1])
+
+
+def _softmax_over_parents(logits: tf.Tensor) -> tf.Tensor:
+    """Softmax of `[..., output_dim, input_dim]` over output_dim (written out, as ops.py's)."""
+    exp = tf.exp(logits - tf.stop_gradient(tf.reduce_max(logits, axis=-2, keepdims=True)))
+    return exp / tf.reduce_sum(exp, axis=-2, keepdims=True)
+
+
+def _m_step(stats, weights, beta_v, beta_a, inverse_temperature):
+    """Parents' (mu, sigma2, activation logit) from the routed sums.
+
+    stats `[..., C, 32]`: sum_i r_ij V_ij and sum_i r_ij V_ij^2; weights r `[..., C, N]`.
+    """
+    mass = tf.reduce_sum(weights, axis=-1) + _MASS_EPSILON
+    mean = stats[..., :POSE_SIZE] / mass[..., None]
+    # E[V^2] - mu^2 can round below zero for near-identical votes; the floor follows.
+    variance = (
+        tf.nn.relu(stats[..., POSE_SIZE:] / mass[..., None] - tf.square(mean)) + VARIANCE_FLOOR
+    )
+    cost = mass * tf.reduce_sum(
+        BETA_V_SCALE * beta_v[:, None] + 0.5 * tf.math.log(variance), axis=-1
+    )
+    return mean, variance, inverse_temperature * (BETA_A_SCALE * beta_a - cost)
+
+
+def _e_step_terms(mean, variance, logit):
+    """(w `[..., C, 32]`, bias `[..., C]`) such that
+    ln a_j + ln N(V_ij; mu_j, sigma2_j) = bias_j - [V_ij, V_ij^2] . w_j / 2."""
+    inverse = 1.0 / variance
+    weights = tf.concat([-2.0 * mean * inverse, inverse], axis=-1)
+    bias = (
+        tf.math.log_sigmoid(logit)
+        - 0.5 * tf.reduce_sum(tf.math.log(variance) + tf.square(mean) * inverse, axis=-1)
+        - 0.5 * POSE_SIZE * _LN_2PI
+    )
+    return weights, bias
+
+
+def _iteration_outputs(stats, weights, beta_v, beta_a, inverse_temperature, last):
+    """What an iteration hands on: (mu, a) after the last M-step, else the E-step's (w, bias)."""
+    mean, variance, logit = _m_step(stats, weights, beta_v, beta_a, inverse_temperature)
+    if last:
+        return mean, tf.sigmoid(logit)
+    return _e_step_terms(mean, variance, logit)
+
+
+def _with_squares(votes):
+    return tf.concat([votes, tf.square(votes)], axis=-1)
+
+
+def _route(
+    votes: tf.Tensor,
+    child_activations: tf.Tensor,
+    beta_v: tf.Tensor,
+    beta_a: tf.Tensor,
+    inverse_temperatures: list[float],
+    normalise: Callable[[tf.Tensor], tf.Tensor],
+):
+    """The EM iterations on votes `[*groups, C, N, 16]`, children's a `[*groups, 1, N]`.
+
+    normalise: routing logits `[*groups, C, N]` -> assignment probabilities R.
+    Returns mu `[*groups, C, 16]` and a `[*groups, C]`.
+
+    Gradient: no stop_gradient anywhere (as the official code), written out: the
+    backward pass runs the iterations in reverse and differentiates only the small
+    per-parent and per-route functions by autodiff; the votes-sized work is one
+    matrix-vector product per routed sum or distance and, at the end, one matrix
+    product for the gradient of [V, V^2]:
+        d[V, V^2] = [r_1 .. r_T, d_1 .. d_(T-1)] x [g_1 .. g_T, w_1 .. w_(T-1)]
+    (r_t routed weights, g_t gradients of the M-step sums, w_t E-step weights,
+    d_t gradients of the E-step distances). Equal to autodiff of the plain loop to
+    round-off (tests/test_em_routing.py).
+    """
+    num_routing = len(inverse_temperatures)
+
+    @tf.custom_gradient
+    def iterate(votes, child_activations, beta_v, beta_a):
+        squares = _with_squares(votes)
+        initial = normalise(tf.zeros_like(votes[..., 0]))  # uniform over each child's parents
+        routes, logits, stats = [initial], [None], []
+        for t, inverse_temperature in enumerate(inverse_temperatures):
+            weights = routes[-1] * child_activations
+            stats.append(tf.squeeze(tf.matmul(weights[..., None, :], squares), axis=-2))
+            outputs = _iteration_outputs(
+                stats[-1], weights, beta_v, beta_a, inverse_temperature, t == num_routing - 1
+            )
+            if t == num_routing - 1:
+                break
+            e_weights, bias = outputs
+            distances = tf.squeeze(tf.matmul(squares, e_weights[..., None]), axis=-1)
+            logits.append(bias[..., None] - 0.5 * distances)
+            routes.append(normalise(logits[-1]))
+
+        def grad(d_poses, d_activations):
+            # An output the loss does not use may come back as None.
+            poses, activations = outputs
+            d_poses = tf.zeros_like(poses) if d_poses is None else d_poses
+            d_activations = tf.zeros_like(activations) if d_activations is None else d_activations
+            squares = _with_squares(votes)  # recomputed: not kept from the forward pass
+            lefts, rights = [], []  # d[V, V^2] = sum over terms of left (x) right
+            d_child = tf.zeros_like(child_activations)
+            d_beta_v, d_beta_a = tf.zeros_like(beta_v), tf.zeros_like(beta_a)
+            upstream, d_logits = [d_poses, d_activations], None
+            for t in reversed(range(num_routing)):
+                last = t == num_routing - 1
+                weights = routes[t] * child_activations
+                with tf.GradientTape() as tape:
+                    tape.watch([stats[t], weights, beta_v, beta_a])
+                    results = _iteration_outputs(
+                        stats[t], weights, beta_v, beta_a, inverse_temperatures[t], last
+                    )
+                if not last:
+                    e_weights = results[0]
+                    # logits[t+1] = bias - distances / 2, distances = [V, V^2] . w
+                    d_distances = -0.5 * d_logits
+                    lefts.append(d_distances)
+                    rights.append(e_weights)
+                    upstream = [
+                        tf.squeeze(tf.matmul(d_distances[..., None, :], squares), axis=-2),
+                        tf.reduce_sum(d_logits, axis=-1),
+                    ]
+                d_stats, d_weights, d_bv, d_ba = tape.gradient(
+                    list(results), [stats[t], weights, beta_v, beta_a],
+                    output_gradients=upstream,
+                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                )
+                d_beta_v += d_bv
+                d_beta_a += d_ba
+                lefts.append(weights)
+                rights.append(d_stats)
+                d_weights += tf.squeeze(tf.matmul(squares, d_stats[..., None]), axis=-1)
+                # weights = R_t * a (a broadcast over the parents)
+                d_child += tf.reduce_sum(d_weights * routes[t], axis=-2, keepdims=True)
+                if t > 0:
+                    with tf.GradientTape() as tape:
+                        tape.watch(logits[t])
+                        route = normalise(logits[t])
+                    d_logits = tape.gradient(
+                        route, logits[t], output_gradients=d_weights * child_activations
+                    )
+            d_squares = tf.matmul(tf.stack(lefts, axis=-1), tf.stack(rights, axis=-2))
+            d_votes = d_squares[..., :POSE_SIZE] + 2.0 * votes * d_squares[..., POSE_SIZE:]
+            return d_votes, d_child, d_beta_v, d_beta_a
+
+        return outputs, grad
+
+    return iterate(votes, child_activations, beta_v, beta_a)
+
