@@ -623,7 +623,7 @@ class EMCapsNet(_ReferenceModel):
     def margin(self) -> tf.Tensor:
         """The spread loss's margin at the optimizer's step (margin_end before compile)."""
         hp = self.hparams
-        if self.optimizer is None:
+        if getattr(self, "optimizer", None) is None:
             return tf.constant(hp.margin_end)
         progress = tf.cast(self.optimizer.iterations, tf.float32) / hp.margin_steps
         return hp.margin_start + (hp.margin_end - hp.margin_start) * tf.minimum(progress, 1.0)

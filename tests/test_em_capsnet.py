@@ -1,0 +1,136 @@
+"""EMCapsNet: parameter counts, the spread loss and its margin, saving, training, experiment.py."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from capsules import losses, parse_overrides
+from capsules.em_hparams import EMHParams
+from capsules.models import MODELS, EMCapsNet
+
+ROOT = Path(__file__).resolve().parents[1]
+NORB = ROOT.parent / "shared" / "testdata" / "official" / "norb"
+TINY = "conv1_channels=4,primary_capsules=3,conv_capsules1=3,conv_capsules2=3,routing=2"
+
+
+def _tiny(**changes):
+    """A 20x20x1 EMCapsNet (8x8 -> 3x3 -> 1x1 capsule grids) of 3-type layers."""
+    return EMCapsNet(parse_overrides(EMHParams(), TINY).replace(**changes),
+                     input_shape=(20, 20, 1), num_classes=4)
+
+
+def _batch(n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 20, 20, 1)).astype(np.float32), rng.integers(0, 4, n)
+
+
+@pytest.mark.parametrize("input_shape,num_classes,expected",
+                         [((32, 32, 2), 5, 316_650), ((32, 32, 1), 5, 315_850),
+                          ((28, 28, 1), 10, 318_420)])
+def test_parameter_count_is_the_official_models(input_shape, num_classes, expected):
+    # conv1 5*5*depth*32 + 32, primary 32 * (512 + 32), two conv capsule layers
+    # 3*3*32*32*16 + 64 each, class capsules 32 * classes * 16 + 2 * classes.
+    model = EMCapsNet(input_shape=input_shape, num_classes=num_classes)
+    assert model.count_params() == expected
+    assert (5 * 5 * input_shape[2] * 32 + 32) + 32 * 544 + 2 * (9 * 32 * 32 * 16 + 64) + (
+        32 * num_classes * 16 + 2 * num_classes) == expected
+
+
+def test_registered_for_experiment_and_the_defaults():
+    assert MODELS["em"] is EMCapsNet and EMCapsNet.hparams_class is EMHParams
+    model = EMCapsNet()
+    assert model.hparams == EMHParams()
+    assert (model.image_shape, model.num_classes) == ((32, 32, 2), 5)
+    with pytest.raises(ValueError, match="hparams of EMCapsNet must be"):
+        EMCapsNet(hparams=MODELS["capsule"].hparams_class())
+    with pytest.raises(ValueError, match="unknown hparam 'routing_iterations'"):
+        parse_overrides(EMHParams(), "routing_iterations=2")
+    with pytest.raises(ValueError, match="margin_start=0.95, margin_end=0.9"):
+        EMHParams(margin_start=0.95)
+
+
+def test_spread_loss_matches_its_definition():
+    rng = np.random.default_rng(1)
+    activations = rng.random((6, 5)).astype(np.float32)
+    labels = np.eye(5, dtype=np.float32)[rng.integers(0, 5, 6)]
+    expected = []
+    for a, y in zip(activations, labels, strict=True):
+        target = a[y.argmax()]
+        expected.append(sum(max(0.0, 0.4 - (target - a[i])) ** 2
+                            for i in range(5) if not y[i]))
+    got = losses.spread_loss(labels, activations, 0.4).numpy()
+    np.testing.assert_allclose(got, np.mean(expected) / 5, rtol=1e-5)
+    # Two targets: each is paired with every unlabelled class.
+    two = labels.copy()
+    two[:, 0] = 1.0
+    assert losses.spread_loss(two, activations, 0.4).numpy() >= 0.0
+
+
+def test_margin_rises_linearly_then_stays():
+    model = _tiny(margin_steps=10)
+    assert float(model.margin()) == pytest.approx(0.9)  # not compiled: the final margin
+    model.compile()
+    for step, expected in [(0, 0.2), (5, 0.55), (10, 0.9), (50, 0.9)]:
+        model.optimizer.iterations.assign(step)
+        assert float(model.margin()) == pytest.approx(expected)
+
+
+def test_weight_decay_is_on_the_kernels_only():
+    model = _tiny(weight_decay=1.0)
+    images, labels = _batch(2)
+    with_decay = model.compute_losses((images, labels))
+    expected = sum(0.5 * np.sum(w.numpy() ** 2) for w in model.kernels)
+    np.testing.assert_allclose(with_decay["loss"] - with_decay["classification_loss"],
+                               expected, rtol=1e-5)
+    assert len(model.kernels) == 6 and all("kernel" in w.path for w in model.kernels)
+
+
+def test_config_and_keras_round_trips(tmp_path):
+    model = _tiny()
+    images, _ = _batch(2)
+    clone = EMCapsNet.from_config(model.get_config())
+    assert clone.get_config() == model.get_config()
+    path = str(tmp_path / "em.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, EMCapsNet) and loaded.hparams == model.hparams
+    np.testing.assert_allclose(loaded(images), model(images), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_fit_lowers_the_spread_loss_without_nan():
+    keras.utils.set_random_seed(0)
+    model = _tiny(margin_start=0.9)  # a fixed margin: losses comparable across steps
+    model.compile()
+    images, labels = _batch(16)
+    before = float(model.compute_losses((images, labels))["classification_loss"])
+    history = model.fit(images, labels, batch_size=16, epochs=8, verbose=0)
+    losses_seen = history.history["classification_loss"]
+    assert all(np.isfinite(losses_seen))
+    after = float(model.compute_losses((images, labels))["classification_loss"])
+    assert after < before
+    assert set(history.history) == {"loss", "classification_loss", "accuracy"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not NORB.is_dir(), reason=f"reference records not found at {NORB}")
+def test_experiment_trains_and_tests_em_on_norb(tmp_path):
+    common = ["--model=em", "--dataset=norb", f"--data_dir={NORB}", "--batch_size=4"]
+    small = f"--hparams_override={TINY}"
+
+    def run(*args):
+        result = subprocess.run([sys.executable, "experiment.py", *common, *args], cwd=ROOT,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    out = run(f"--summary_dir={tmp_path}", "--max_steps=2", small)
+    assert "total_params:" in out
+    checkpoint = tmp_path / "train" / "model.ckpt-2"
+    # The saved hparams.json restores the tiny model without the override.
+    out = run("--train=false", f"--checkpoint={checkpoint}", "--eval_size=6")
+    assert "Total wrong predictions:" in out and "of 6 correct" in out
