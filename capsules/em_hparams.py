@@ -17,9 +17,11 @@ class EMHParams(ValidatedHParams):
         of the paper (32 each, 316,650 parameters on smallNORB; the paper's small
         model is 64, 8, 16, 16).
       routing: EM iterations of the three routed layers (3).
-      final_lambda: final inverse temperature of the convolutional capsule layers
-        (--final_beta=0.01).
-      class_final_lambda: that of the class capsules (the official code's final_beta / 4).
+      final_lambda: final inverse temperature of the convolutional capsule layers: 0.02,
+        the official --final_beta=0.01 applied to its cost in ln sigma^2, twice the
+        paper's ln sigma used here, so that the activation logits are the official's.
+      class_final_lambda: that of the class capsules (the official final_beta / 4, doubled
+        likewise).
       coordinate_addition: add the voters' scaled positions to the class votes.
       margin_start, margin_end, margin_steps: the spread loss's margin rises linearly
         from margin_start to margin_end over margin_steps training steps, then stays
@@ -36,8 +38,8 @@ class EMHParams(ValidatedHParams):
     conv_capsules1: int = 32
     conv_capsules2: int = 32
     routing: int = 3
-    final_lambda: float = 0.01
-    class_final_lambda: float = 0.0025
+    final_lambda: float = 0.02
+    class_final_lambda: float = 0.005
     coordinate_addition: bool = True
     margin_start: float = 0.2
     margin_end: float = 0.9
