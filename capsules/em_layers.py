@@ -299,8 +299,7 @@ class ConvMatrixCapsule(_RoutedMatrixCapsule):
             votes, tf.cast(activations, self.variable_dtype), self.beta_v, self.beta_a,
             self.kernel_size, self.strides, self.num_routing, self.final_lambda,
         )
-        shape = tf.shape(out_poses)
-        return tf.reshape(out_poses, tf.concat([shape[:-1], _POSE], 0)), out_activations
+        return tf.reshape(out_poses, [-1, *out_poses.shape[1:-1], *_POSE]), out_activations
 
     def compute_output_shape(self, input_shape):
         poses, _ = _check_capsule_pair(self, input_shape)

@@ -1,5 +1,6 @@
 """Matrix capsule layers: the shared layer checks, shapes, and values against NumPy."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -45,6 +46,19 @@ def test_walkthrough_shapes():
     assert layer.kernel.shape == (3, 3, 16, 16, 4, 4)
     assert layer.beta_a.shape == layer.beta_v.shape == (16,)
     assert np.all(np.isfinite(poses.numpy())) and np.all(np.isfinite(activations.numpy()))
+
+
+def test_layers_compose_in_a_functional_model():
+    inputs = keras.Input((16, 16, 1))
+    hidden = keras.layers.Conv2D(4, 5, strides=2, activation="relu")(inputs)  # 6x6
+    capsules = em_layers.PrimaryMatrixCapsule(3)(hidden)
+    capsules = em_layers.ConvMatrixCapsule(3, kernel_size=3, strides=2)(capsules)  # 2x2
+    capsules = em_layers.ConvMatrixCapsule(3, kernel_size=2)(capsules)  # 1x1
+    poses, activations = em_layers.ClassMatrixCapsule(5)(capsules)
+    model = keras.Model(inputs, [poses, activations])
+    assert tuple(poses.shape) == (None, 5, 4, 4) and tuple(activations.shape) == (None, 5)
+    outputs = model(_random((2, 16, 16, 1)))
+    assert outputs[0].shape == (2, 5, 4, 4) and np.all(np.isfinite(outputs[1].numpy()))
 
 
 def test_primary_capsules_match_numpy():
