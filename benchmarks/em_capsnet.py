@@ -201,13 +201,14 @@ def _setup(dataset, batch_size, seed=0):
 
 
 def _time_steps(step, images, labels, repeats):
+    """(best wall seconds, CPU seconds of that step, first loss)."""
     loss = float(step(images, labels))  # trace and warm up
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         float(step(images, labels))
-        times.append(time.perf_counter() - start)
-    return min(times), loss
+        times.append((time.perf_counter() - start, time.process_time() - start_cpu))
+    return (*min(times), loss)
 
 
 def _peak_rss_mb() -> float:
@@ -236,21 +237,24 @@ def main(argv):
         print(f"{measure_memory(FLAGS.memory_of, FLAGS.dataset, FLAGS.batch_size):.0f}")
         return
     print(f"EMCapsNet training step, {FLAGS.dataset}, batch {FLAGS.batch_size}, "
-          f"best of {FLAGS.repeats}")
+          f"best of {FLAGS.repeats}; load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} CPUs")
     results = {}
     steps = {"package": package_step_fn, "plain": plain_step_fn}
     for kind in FLAGS.formulations:
         make_step = steps[kind]
         model, images, labels = _setup(FLAGS.dataset, FLAGS.batch_size)
-        seconds, loss = _time_steps(make_step(model), images, labels, FLAGS.repeats)
+        seconds, cpu_seconds, loss = _time_steps(make_step(model), images, labels,
+                                                 FLAGS.repeats)
         results[kind] = seconds
         memory = subprocess.run(
             [sys.executable, os.path.abspath(__file__), f"--memory_of={kind}",
              f"--dataset={FLAGS.dataset}", f"--batch_size={FLAGS.batch_size}"],
             check=True, capture_output=True, text=True,
         ).stdout.strip().splitlines()[-1]
-        print(f"{kind:8s} {seconds * 1000:8.0f} ms/step  {FLAGS.batch_size / seconds:7.1f} "
-              f"images/s  first loss {loss:.6f}  step memory {memory} MB")
+        print(f"{kind:8s} {seconds * 1000:8.0f} ms/step (CPU {cpu_seconds * 1000:.0f} ms)  "
+              f"{FLAGS.batch_size / seconds:7.1f} images/s  first loss {loss:.6f}  "
+              f"step memory {memory} MB")
     if len(results) == 2:
         print(f"plain / package: {results['plain'] / results['package']:.2f}x")
 
