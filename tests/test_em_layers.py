@@ -25,6 +25,7 @@ def test_primary_matrix_capsule_checks(tmp_path):
                    _random((2, 5, 5, 4)), ((2, 5, 5, 3, 4, 4), (2, 5, 5, 3)), tmp_path)
 
 
+@pytest.mark.slow
 def test_conv_matrix_capsule_checks(tmp_path):
     run_layer_test(em_layers.ConvMatrixCapsule,
                    {"num_capsules": 3, "kernel_size": 3, "strides": 2, "num_routing": 2,
@@ -32,6 +33,7 @@ def test_conv_matrix_capsule_checks(tmp_path):
                    list(_capsules(2, 5, 2)), ((2, 2, 2, 3, 4, 4), (2, 2, 2, 3)), tmp_path)
 
 
+@pytest.mark.slow
 def test_class_matrix_capsule_checks(tmp_path):
     run_layer_test(em_layers.ClassMatrixCapsule,
                    {"num_classes": 4, "num_routing": 2, "coordinate_addition": False},

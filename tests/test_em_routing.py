@@ -171,6 +171,7 @@ def test_bad_arguments_raise():
         ops.conv_em_routing(conv_votes, conv_activations, beta_v, beta_a, 3, 1)
 
 
+@pytest.mark.slow
 def test_compiles_with_xla():
     votes, activations, beta_v, beta_a = _conv_case()
 
