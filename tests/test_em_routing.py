@@ -1,17 +1,12 @@
 """EM routing (capsules.ops.em_routing, conv_em_routing) against NumPy and autodiff."""
 
-import os
-import sys
-
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from capsules import em_routing, ops
 from tests import em_reference_numpy as ref
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.em_capsnet import plain_conv_em_routing, plain_em_routing  # noqa: E402
+from tests.em_reference_tf import plain_conv_em_routing, plain_em_routing
 
 
 def _random(shape, seed, scale=1.0):
