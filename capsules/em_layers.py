@@ -116,6 +116,12 @@ class _RoutedMatrixCapsule(keras.layers.Layer):
             autocast=False,
         )
 
+    def compute_output_spec(self, inputs):
+        # Routed in the variable dtype (float32 under a mixed policy), not in the compute
+        # dtype Keras would assume.
+        shapes = self.compute_output_shape([tuple(x.shape) for x in inputs])
+        return tuple(keras.KerasTensor(shape, dtype=self.variable_dtype) for shape in shapes)
+
     def get_config(self):
         config = super().get_config()
         config.update(

@@ -81,18 +81,21 @@ def count_found_targets(labels: tf.Tensor, logits: tf.Tensor, num_targets: int) 
     return tf.reduce_sum(tf.cast(found, tf.int32), axis=-1)
 
 
-def spread_loss(labels: tf.Tensor, activations: tf.Tensor, margin) -> tf.Tensor:
+def spread_loss(labels: tf.Tensor, activations: tf.Tensor, margin,
+                sample_weight: tf.Tensor | None = None) -> tf.Tensor:
     """Spread loss of matrix capsules (Hinton et al. 2018, eq. 3), as the official code averages it.
 
     For every labelled class t and every other class i:
         L = sum_t sum_(i not labelled) max(0, margin - (a_t - a_i))^2,
     averaged over the batch and divided by num_classes (the official `reduce_mean`
     over batch x classes; for one target, the paper's sum over i / num_classes).
-    labels: `[batch, num_classes]` one-hot or k-hot; activations: same shape.
+    labels: `[batch, num_classes]` one-hot or k-hot; activations: same shape;
+    sample_weight: optional `[batch]` weights of the per-image losses (see `_batch_mean`).
     """
     labels = tf.cast(labels, activations.dtype)
     # gaps[b, t, i] = margin - (a_t - a_i), counted where t is labelled and i is not.
     gaps = margin - (activations[:, :, None] - activations[:, None, :])
     pairs = labels[:, :, None] * (1.0 - labels[:, None, :])
     per_image = tf.reduce_sum(pairs * tf.square(tf.nn.relu(gaps)), axis=[1, 2])
-    return tf.reduce_mean(per_image) / tf.cast(tf.shape(labels)[1], activations.dtype)
+    num_classes = tf.cast(tf.shape(labels)[1], activations.dtype)
+    return _batch_mean(per_image / num_classes, sample_weight)

@@ -637,15 +637,15 @@ class EMCapsNet(_ReferenceModel):
 
     def compute_losses(self, data, training: bool = False) -> dict:
         """Spread loss and weight decay on one batch (dict as `_ReferenceModel.compute_losses`)."""
-        images, labels, _ = self._unpack(data)
+        images, labels, _, sample_weight = self._unpack(data)
         activations, _ = self._forward(images, training=training)
-        spread = losses.spread_loss(labels, activations, self.margin())
+        spread = losses.spread_loss(labels, activations, self.margin(), sample_weight)
         # The official tf.nn.l2_loss: sum(w^2) / 2.
         decay = self.hparams.weight_decay * tf.add_n([tf.nn.l2_loss(w) for w in self.kernels])
         return {
             "loss": spread + decay,
             "classification_loss": spread,
-            "reconstruction_loss": tf.constant(0.0),
+            "reconstruction_loss": tf.zeros([], spread.dtype),
             "logits": activations,
             "labels": labels,
         }

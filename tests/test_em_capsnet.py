@@ -64,6 +64,10 @@ def test_spread_loss_matches_its_definition():
                             for i in range(5) if not y[i]))
     got = losses.spread_loss(labels, activations, 0.4).numpy()
     np.testing.assert_allclose(got, np.mean(expected) / 5, rtol=1e-5)
+    # Sample weights scale each image's loss; the mean is still over the batch size.
+    weights = np.array([2.0, 0, 0, 0, 0, 1.0], np.float32)
+    weighted = losses.spread_loss(labels, activations, 0.4, weights).numpy()
+    np.testing.assert_allclose(weighted, (2 * expected[0] + expected[5]) / 6 / 5, rtol=1e-5)
     # Two targets: each is paired with every unlabelled class.
     two = labels.copy()
     two[:, 0] = 1.0
