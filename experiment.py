@@ -94,6 +94,13 @@ def define_flags(values: flags.FlagValues = FLAGS) -> None:
         ["local_workers", "train"], lambda flag: flag["train"] or not flag["local_workers"],
         message="--local_workers is for training; evaluation runs in one process",
         flag_values=values)
+    boolean("patching", False,
+            "norb testing: score the EM-routing reference's 13 crops of each image, each "
+            "crop's class scores normalised to sum 1, summed over the crops.")
+    flags.register_multi_flags_validator(
+        ["patching", "dataset"], lambda f: not f["patching"] or f["dataset"] == "norb",
+        message="--patching: the test-time crops are defined for --dataset=norb only",
+        flag_values=values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +130,7 @@ class Config:
     eval_interval_secs: int
     eval_timeout_secs: int
     mixed_bfloat16: bool
+    patching: bool
 
     @classmethod
     def from_flags(cls, values: flags.FlagValues = FLAGS) -> Config:
@@ -158,6 +166,7 @@ def _inputs(config: Config, split: str, batch_size: int, repeat: bool = False,
         validate=config.validate, distort=config.distort,
         random_shift=config.random_shift if split == "train" else 0, repeat=repeat,
         seed=config.seed, shard=shard, num_pairs=config.num_pairs,
+        patching=config.patching and split == "test",
     )
 
 

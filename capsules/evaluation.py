@@ -46,6 +46,36 @@ class TestResult:
         return "\n".join(lines)
 
 
+def combine_crop_scores(scores: np.ndarray) -> np.ndarray:
+    """The EM-routing reference's test-time crop vote (`eval_once` with `--patching`).
+
+    Each crop's class scores are normalised to sum 1, then summed over the crops:
+    `combined[i] = sum_k s[i, k] / sum_c s[i, k, c]`; its argmax is the prediction.
+    The reference divides by the sum, which fits non-negative scores (capsule lengths,
+    EM activations). Departures: when any of `scores` is negative (the baseline's logits,
+    where the division can flip a crop's vote), all are normalised by a softmax instead,
+    and a crop whose scores are all 0 adds nothing (the reference gets NaN).
+
+    Args:
+      scores: float `[n, crops, num_classes]`.
+
+    Returns:
+      float64 `[n, num_classes]`.
+
+    Example:
+      >>> combine_crop_scores(np.array([[[0.5, 0.5], [0.1, 0.3]]]))
+      array([[0.75, 1.25]])
+    """
+    scores = np.asarray(scores, np.float64)
+    if scores.ndim != 3:
+        raise ValueError(f"crop scores of shape {scores.shape}: expected [n, crops, classes]")
+    if np.any(scores < 0):
+        scores = np.exp(scores - scores.max(axis=2, keepdims=True))
+    sums = scores.sum(axis=2, keepdims=True)
+    shares = np.divide(scores, sums, out=np.zeros_like(scores), where=sums > 0)
+    return shares.sum(axis=1)
+
+
 def collect_logits(
     model: keras.Model, dataset: tf.data.Dataset, eval_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -53,19 +83,33 @@ def collect_logits(
 
     Reads the dataset in order (batch by batch, the last one cut at eval_size), so
     that several models see the same examples; n is smaller if the data ends first.
+    Images `[batch, crops, h, w, depth]` (test-time crops, `input_data.inputs(...,
+    patching=True)`) are scored crop by crop, each batch of crops the size of a batch of
+    images, and the logits are `combine_crop_scores` of all the examples' crop scores
+    (one call, so that one normalisation serves every example).
     """
     predict = tf.function(lambda images: model(images, training=False))
+
+    def batch_logits(images: tf.Tensor) -> np.ndarray:
+        if images.shape.rank != 5:
+            return predict(images).numpy()
+        return np.stack([predict(images[:, k]).numpy() for k in range(images.shape[1])],
+                        axis=1)
+
     logits, labels, seen = [], [], 0
     for features in dataset:
         if seen >= eval_size:
             break
         take = min(eval_size - seen, int(features[keys.IMAGES].shape[0]))
-        logits.append(predict(features[keys.IMAGES]).numpy()[:take])
+        logits.append(batch_logits(features[keys.IMAGES])[:take])
         labels.append(features[keys.LABELS].numpy()[:take])
         seen += take
     if not logits:
         raise UsageError("the evaluation data set is empty")
-    return np.concatenate(logits), np.concatenate(labels)
+    logits = np.concatenate(logits)
+    if logits.ndim == 3:
+        logits = combine_crop_scores(logits)
+    return logits, np.concatenate(labels)
 
 
 def score(logits: np.ndarray, labels: np.ndarray, num_targets: int) -> TestResult:

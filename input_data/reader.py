@@ -18,7 +18,8 @@ from input_data.norb import norb_input_record
 def inputs(dataset: str, split: str, data_dir: str, batch_size: int,
            num_targets: int | None = None, validate: bool = False, distort: bool = False,
            random_shift: int = 0, repeat: bool = False, seed: int | None = None,
-           shard: tuple[int, int] | None = None, num_pairs: int = 1) -> tf.data.Dataset:
+           shard: tuple[int, int] | None = None, num_pairs: int = 1,
+           patching: bool = False) -> tf.data.Dataset:
     """Batches of feature dicts for training (split='train') or evaluation (split='test').
 
     Args:
@@ -53,6 +54,8 @@ def inputs(dataset: str, split: str, data_dir: str, batch_size: int,
         the workers' batches of one step are then the consecutive batches one process
         reads).
       num_pairs: multimnist test only: pairs per test digit (1: 10,000 pairs).
+      patching: norb evaluation only: the EM-routing reference's 13 test-time crops of
+        each image instead of the central one (images [batch, 13, 32, 32, 2]).
 
     Returns:
       A dataset of dicts, with `info = dataset_info(dataset, num_targets, distort)`:
@@ -61,6 +64,7 @@ def inputs(dataset: str, split: str, data_dir: str, batch_size: int,
         recons_image: float32 like images, the image the decoder reconstructs
         recons_label: int32 [batch], the class of recons_image
         spare_image, spare_label: MultiMNIST only, the second digit and its class.
+      With patching, images are [batch, 13, 32, 32, 2], each crop standardized on its own.
     """
     check_name("split", split, SPLITS)
     num_targets = dataset_info(dataset, num_targets, distort).num_targets  # checks them
@@ -73,6 +77,9 @@ def inputs(dataset: str, split: str, data_dir: str, batch_size: int,
         raise UsageError(f"validate=True: {dataset} has no validation split")
     if shard is not None and not 0 <= shard[1] < shard[0]:
         raise ValueError(f"shard={shard}: expected (number of workers, index in 0..number - 1)")
+    if patching and (dataset != "norb" or split != "test"):
+        raise UsageError(f"patching=True: test-time crops are for norb evaluation only, not "
+                         f"{dataset} {split}")
     if dataset == "multimnist":
         return multimnist.inputs(split, data_dir, batch_size, validate, num_pairs, repeat, seed,
                                  shard)
@@ -83,7 +90,8 @@ def inputs(dataset: str, split: str, data_dir: str, batch_size: int,
     shift = 0
     if is_training and dataset == "mnist":
         shift = random_shift or (record_names.TRAIN_SHIFT if from_tfds else 0)
-    reader = _reader(dataset, num_targets, distort, shift)
+    reader = norb_input_record.PATCHES_READER if patching else _reader(
+        dataset, num_targets, distort, shift)
     if from_tfds:
         records = tfds_source.records(dataset, split, data_dir, validate, is_training, seed)
         reader = dataclasses.replace(reader, decode=tfds_source.decode)

@@ -21,6 +21,11 @@ def int64_feature(value: int) -> tf.train.Feature:
     return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
 
 
+def int64_list_feature(values: Iterable[int]) -> tf.train.Feature:
+    """A feature holding a list of int64s."""
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
+
+
 def bytes_feature(value: bytes) -> tf.train.Feature:
     """A feature holding one byte string."""
     return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
@@ -66,20 +71,22 @@ def atomic_paths(paths: Sequence[str]) -> Iterator[list[str]]:
 def progress(items: Iterable[T], total: int, desc: str) -> Iterator[T]:
     """Yields `items` unchanged while drawing a one-line progress bar on stderr."""
     start = last = time.monotonic()
-    done = 0
-    for done, item in enumerate(items, 1):
-        yield item
-        now = time.monotonic()
-        if now - last >= 0.5 or done == total:
-            last = now
-            frac = done / max(total, 1)
-            bar = "#" * int(30 * frac)
-            sys.stderr.write(
-                f"\r{desc}: [{bar:<30}] {done}/{total} {now - start:6.0f}s"
-            )
-            sys.stderr.flush()
-    if done:
-        sys.stderr.write("\n")
+    drawn = False
+    try:
+        for done, item in enumerate(items, 1):
+            yield item
+            now = time.monotonic()
+            if now - last >= 0.5 or done == total:
+                last, drawn = now, True
+                frac = done / max(total, 1)
+                bar = "#" * int(30 * frac)
+                sys.stderr.write(
+                    f"\r{desc}: [{bar:<30}] {done}/{total} {now - start:6.0f}s"
+                )
+                sys.stderr.flush()
+    finally:  # also when the loop fails: an error message then starts on its own line
+        if drawn:
+            sys.stderr.write("\n")
 
 
 def checked(value: tf.Tensor, ok: tf.Tensor, filename: tf.Tensor, what: str) -> tf.Tensor:
@@ -102,6 +109,7 @@ def parse_example(
     record: tf.Tensor,
     ints: dict[str, int | None],
     raws: dict[str, int],
+    int_lists: dict[str, int] | None = None,
 ) -> dict[str, tf.Tensor]:
     """Parses one tf.train.Example, checking every feature is present and sized right.
 
@@ -111,14 +119,22 @@ def parse_example(
       ints: int64 features to read, each holding exactly one value; value None means any
         value, an int means that value exactly.
       raws: bytes features holding raw uint8 pixels, name -> required byte count.
+      int_lists: int64 list features to read, name -> required number of values.
 
     Returns:
-      {name: int64 scalar} for `ints` and {name: uint8 [byte count]} for `raws`.
+      {name: int64 scalar} for `ints`, {name: uint8 [byte count]} for `raws` and
+      {name: int64 [count]} for `int_lists`.
     """
-    spec = {name: tf.io.RaggedFeature(tf.int64) for name in ints}
+    int_lists = int_lists or {}
+    spec = {name: tf.io.RaggedFeature(tf.int64) for name in (*ints, *int_lists)}
     spec.update({name: tf.io.RaggedFeature(tf.string) for name in raws})
     parsed = tf.io.parse_single_example(record, spec)
     out = {}
+    for name, count in int_lists.items():
+        values = parsed[name]
+        ok = tf.equal(tf.size(values), count)
+        what = f"feature {name} is missing or not {count} int64s"
+        out[name] = tf.reshape(checked(values, ok, filename, what), [count])
     for name, required in ints.items():
         values = parsed[name]
         ok = tf.equal(tf.size(values), 1)

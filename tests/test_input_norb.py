@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 import input_data
-from input_data.records import bytes_feature, int64_feature
+from input_data.records import bytes_feature, int64_feature, int64_list_feature
 
 OFFICIAL = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "official"
 needs_official = pytest.mark.skipif(
@@ -66,10 +66,69 @@ def test_bad_records_and_missing_files(tmp_path):
         input_data.inputs("norb", "test", str(tmp_path), 4)
     feature = {"height": int64_feature(96), "width": int64_feature(96),
                "depth": int64_feature(2), "label": int64_feature(1),
+               "meta": int64_list_feature([0, 0, 0, 0]),
                "image_raw": bytes_feature(bytes(96 * 96))}  # one view instead of two
-    with tf.io.TFRecordWriter(str(tmp_path / "testduo.tfrecords")) as writer:
-        writer.write(tf.train.Example(
-            features=tf.train.Features(feature=feature)).SerializeToString())
-    with pytest.raises(tf.errors.InvalidArgumentError,
-                       match="testduo.tfrecords: feature image_raw is missing or not 18432"):
-        list(input_data.inputs("norb", "test", str(tmp_path), 4))
+    for bad, message in (({}, "feature image_raw is missing or not 18432"),
+                         ({"image_raw": bytes_feature(bytes(2 * 96 * 96)),
+                           "meta": int64_list_feature([0, 0, 0])},
+                          "feature meta is missing or not 4 int64s")):
+        with tf.io.TFRecordWriter(str(tmp_path / "testduo.tfrecords")) as writer:
+            writer.write(tf.train.Example(features=tf.train.Features(
+                feature={**feature, **bad})).SerializeToString())
+        with pytest.raises(tf.errors.InvalidArgumentError, match=f"testduo.tfrecords: {message}"):
+            list(input_data.inputs("norb", "test", str(tmp_path), 4))
+
+
+# ---- test-time crops (--patching) ----------------------------------------------------
+
+def official_patches(image: np.ndarray) -> np.ndarray:
+    """The EM-routing reference's 13 crops of one uint8 [96, 96, 2] image, computed with the
+    TF1 ops its norb_record.inputs calls (batch size 1): [13, 32, 32, 2]."""
+    orig = tf.compat.v1.image.resize_images(tf.cast(image, tf.float32)[None], [48, 48])
+    centre = tf.image.per_image_standardization(
+        tf.image.resize_with_crop_or_pad(orig, 32, 32))
+    tiled = tf.tile(orig, [4, 1, 1, 1])
+    corners = np.array([[1, 1], [1, -1], [-1, 1], [-1, -1]], np.float32)
+    glimpses = [tf.image.per_image_standardization(tf.compat.v1.image.extract_glimpse(
+        tiled, [32, 32], k * corners, centered=True, normalized=False)) for k in (1, 2, 3)]
+    return tf.concat([centre, *glimpses], axis=0).numpy()
+
+
+def write_test_records(directory: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """testduo.tfrecords of uint8 images [n, 96, 96, 2], as the converter writes them."""
+    with tf.io.TFRecordWriter(str(directory / "testduo.tfrecords")) as writer:
+        for image, label in zip(images, labels, strict=True):
+            feature = {"height": int64_feature(96), "width": int64_feature(96),
+                       "depth": int64_feature(2), "label": int64_feature(label),
+                       "meta": int64_list_feature([0, 1, 2, 3]),
+                       "image_raw": bytes_feature(image.transpose(2, 0, 1).tobytes())}
+            writer.write(tf.train.Example(
+                features=tf.train.Features(feature=feature)).SerializeToString())
+
+
+def test_patching_gives_the_official_13_standardized_crops(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 96, 96, 2), dtype=np.uint8)
+    write_test_records(tmp_path, images, np.array([4, 0, 2]))
+    batches = list(input_data.inputs("norb", "test", str(tmp_path), 2,
+                                     patching=True).as_numpy_iterator())
+    out = {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+    assert out["images"].shape == (3, 13, 32, 32, 2)
+    for image, patches in zip(images, out["images"], strict=True):
+        np.testing.assert_allclose(patches, official_patches(image), atol=1e-5)
+    # The TF1 glimpse halves the offsets: the (1, 1) glimpse is the central crop again.
+    np.testing.assert_array_equal(out["images"][:, 1], out["images"][:, 0])
+    assert not np.allclose(out["images"][:, 12], out["images"][:, 0])
+    central = next(input_data.inputs("norb", "test", str(tmp_path), 3).as_numpy_iterator())
+    np.testing.assert_array_equal(out["images"][:, 0], central["images"])
+    np.testing.assert_array_equal(out["recons_image"], central["images"])
+    np.testing.assert_array_equal(out["recons_label"], [4, 0, 2])
+    np.testing.assert_array_equal(out["labels"], np.eye(5)[[4, 0, 2]])
+
+
+def test_patching_is_for_norb_evaluation_only(tmp_path):
+    with pytest.raises(ValueError, match="patching=True: .* norb evaluation only, not norb "
+                                         "train"):
+        input_data.inputs("norb", "train", str(tmp_path), 4, patching=True)
+    with pytest.raises(ValueError, match="not mnist test"):
+        input_data.inputs("mnist", "test", str(tmp_path), 4, patching=True)
