@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 import input_data
+from capsules.errors import UsageError
 from input_data.records import bytes_feature, int64_feature, int64_list_feature
 
 OFFICIAL = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "official"
@@ -127,8 +128,9 @@ def test_patching_gives_the_official_13_standardized_crops(tmp_path):
 
 
 def test_patching_is_for_norb_evaluation_only(tmp_path):
-    with pytest.raises(ValueError, match="patching=True: .* norb evaluation only, not norb "
+    with pytest.raises(UsageError, match="patching=True: .* norb evaluation only, not norb "
                                          "train"):
         input_data.inputs("norb", "train", str(tmp_path), 4, patching=True)
-    with pytest.raises(ValueError, match="not mnist test"):
-        input_data.inputs("mnist", "test", str(tmp_path), 4, patching=True)
+    for dataset in ("mnist", "multimnist", "cifar10"):
+        with pytest.raises(UsageError, match=f"not {dataset} test"):
+            input_data.inputs(dataset, "test", str(tmp_path), 4, patching=True)
