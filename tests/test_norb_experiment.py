@@ -15,6 +15,7 @@ from input_data.norb import convert, nyu
 from tests.test_experiment import SMALL, report, run
 
 NUM_TEST = 5
+EM_TINY = "conv1_channels=4,primary_capsules=2,conv_capsules1=2,conv_capsules2=2,routing=1"
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +35,11 @@ def norb_dir(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["capsule"])
-def test_norb_trains_and_tests_with_and_without_patching(norb_dir, tmp_path, model):
+@pytest.mark.parametrize("model, hparams", [("capsule", SMALL), ("em", EM_TINY)])
+def test_norb_trains_and_tests_with_and_without_patching(norb_dir, tmp_path, model, hparams):
     run(f"--data_dir={norb_dir}", "--dataset=norb", f"--model={model}",
         f"--summary_dir={tmp_path}", "--max_steps=2", "--batch_size=2",
-        f"--hparams_override={SMALL}")
+        f"--hparams_override={hparams}")
     checkpoint = str(tmp_path / "train" / "model.ckpt-2")
     args = [f"--data_dir={norb_dir}", "--dataset=norb", f"--model={model}", "--train=false",
             f"--checkpoint={checkpoint}", f"--eval_size={NUM_TEST}"]
