@@ -90,6 +90,12 @@ def define_flags(values: flags.FlagValues = FLAGS) -> None:
             "Keras' 'mixed_bfloat16' policy: convolutions and votes in bfloat16, routing, "
             "lengths, decoder and losses in float32, weights float32 (checkpoints unchanged). "
             "Faster training on a CPU with AVX512-BF16 (benchmarks/README.md).")
+    integer("keep_checkpoints", 5,
+            "Training: keep the newest N checkpoints (0: all; the reference kept 1000).",
+            lower_bound=0)
+    boolean("allow_hparams_change", False,
+            "Training: let a resumed run change its hparams or settings (recorded in "
+            "train/hparams.json); without it such a resume stops, listing the differences.")
     flags.register_multi_flags_validator(
         ["local_workers", "train"], lambda flag: flag["train"] or not flag["local_workers"],
         message="--local_workers is for training; evaluation runs in one process",
@@ -131,6 +137,8 @@ class Config:
     eval_timeout_secs: int
     mixed_bfloat16: bool
     patching: bool
+    keep_checkpoints: int
+    allow_hparams_change: bool
 
     @classmethod
     def from_flags(cls, values: flags.FlagValues = FLAGS) -> Config:
@@ -156,7 +164,7 @@ def _dataset_info(config: Config):
 
 
 def _inputs(config: Config, split: str, batch_size: int, repeat: bool = False,
-            shard: tuple[int, int] | None = None):
+            shard: tuple[int, int] | None = None, skip_steps: int = 0):
     import input_data
 
     if not config.data_dir:
@@ -166,8 +174,17 @@ def _inputs(config: Config, split: str, batch_size: int, repeat: bool = False,
         validate=config.validate, distort=config.distort,
         random_shift=config.random_shift if split == "train" else 0, repeat=repeat,
         seed=config.seed, shard=shard, num_pairs=config.num_pairs,
-        patching=config.patching and split == "test",
+        patching=config.patching and split == "test", skip_steps=skip_steps,
     )
+
+
+def _data_error_line(config: Config, error: Exception) -> str:
+    """A read error of the run's data in one line naming the damaged file."""
+    import input_data
+
+    return input_data.read_error_line(
+        error, config.dataset, "train" if config.train else "test", config.data_dir,
+        config.num_targets, config.validate, config.random_shift)
 
 
 def _strategy(config: Config):
@@ -218,6 +235,9 @@ def _test_result(config: Config, checkpoint: str):
     model = _load_model(config, checkpoint)
     logits, labels = evaluation.collect_logits(model, _inputs(config, "test", 100),
                                                config.eval_size)
+    if len(logits) < config.eval_size:
+        print(f"warning: the test data ended after {len(logits)} of --eval_size="
+              f"{config.eval_size} examples", file=sys.stderr)
     return evaluation.score(logits, labels, config.num_targets)
 
 
@@ -237,36 +257,45 @@ def run_training(config: Config) -> int:
         model = build_model(config.model, hparams, _dataset_info(config))
         model.compile()
     print(f"total_params: {model.count_params()}")
-    dataset = distribute.distributed_inputs(
-        strategy, lambda batch_size, shard: _inputs(config, "train", batch_size, True, shard),
-        config.batch_size)
+    _inputs(config, "train", config.batch_size)  # checks the files before the run's folder
+
+    def dataset(step: int):
+        # A resumed run continues the (seeded) stream after the steps it trained on.
+        return distribute.distributed_inputs(
+            strategy, lambda batch_size, shard: _inputs(config, "train", batch_size, True,
+                                                        shard, skip_steps=step),
+            config.batch_size)
+
     return training.train(
         model, dataset, os.path.join(config.summary_dir, "train"), config.max_steps,
         config.save_step, config.batch_size, strategy=strategy,
-        run_flags=dataclasses.asdict(config),
+        run_flags=dataclasses.asdict(config), keep_checkpoints=config.keep_checkpoints or None,
+        allow_changes=config.allow_hparams_change,
     )
 
 
 def run_evaluation(config: Config):
     """Evaluates --checkpoint once, or each new checkpoint of summary_dir/train until
     --eval_timeout_secs pass without one; prints and returns the (last) TestResult."""
-    import tensorflow as tf
-
     from capsules import checkpoints
 
     if config.checkpoint:
-        result = _test_result(config, config.checkpoint)
+        checkpoint = checkpoints.resolve_checkpoint(config.checkpoint)
+        result = _test_result(config, checkpoint)
         print(result.report(config.num_targets))
         if config.summary_dir:
             _write_test_summary(config.summary_dir, result,
-                                checkpoints.checkpoint_step(config.checkpoint))
+                                checkpoints.checkpoint_step(checkpoint))
         return result
     if not config.summary_dir:
         raise UsageError("--train=false needs --checkpoint, or --summary_dir to watch")
     train_dir = os.path.join(config.summary_dir, "train")
     seen, last_new, result = None, time.monotonic(), None
     while time.monotonic() - last_new <= config.eval_timeout_secs:
-        latest = tf.train.latest_checkpoint(train_dir)
+        try:
+            latest = checkpoints.resolve_checkpoint(train_dir)
+        except FileNotFoundError:  # no checkpoint yet
+            latest = None
         if latest is None or latest == seen:
             time.sleep(config.eval_interval_secs)
             continue
@@ -284,9 +313,8 @@ def run_ensemble(config: Config):
 
     if not config.checkpoint or "{}" not in config.checkpoint:
         raise UsageError("--num_trials > 1 needs --checkpoint with {} for the trial number")
-    paths = [config.checkpoint.format(trial) for trial in range(config.num_trials)]
-    for path in paths:
-        checkpoints.require_checkpoint(path)
+    paths = [checkpoints.resolve_checkpoint(config.checkpoint.format(trial))
+             for trial in range(config.num_trials)]
     dataset = _inputs(config, "test", 100).cache()
     per_trial, labels = [], None
     for path in paths:
@@ -314,7 +342,8 @@ def _precision(mixed_bfloat16: bool) -> Iterator[None]:
 
 def run(config: Config):
     """Trains (--train), evaluates an ensemble (--num_trials > 1) or evaluates; returns what
-    the run function returns."""
+    the run function returns. A damaged data file is a UsageError naming it."""
+    from capsules.errors import DataReadError
     from capsules.hparams import parse_overrides
     from capsules.models import MODELS
 
@@ -323,11 +352,14 @@ def run(config: Config):
     except ValueError as error:
         raise UsageError(f"--hparams_override: {error}") from None
     with _precision(config.mixed_bfloat16):
-        if config.train:
-            return run_training(config)
-        if config.num_trials > 1:
-            return run_ensemble(config)
-        return run_evaluation(config)
+        try:
+            if config.train:
+                return run_training(config)
+            if config.num_trials > 1:
+                return run_ensemble(config)
+            return run_evaluation(config)
+        except DataReadError as error:  # find and name the damaged data file
+            raise UsageError(_data_error_line(config, error)) from error
 
 
 def run_local_workers(config: Config) -> int:
@@ -353,7 +385,10 @@ def main(argv: list[str]) -> None:
     config = Config.from_flags(FLAGS)
     if config.local_workers:
         sys.exit(run_local_workers(config))
+    import tensorflow as tf
+
     from capsules.distribute import PREEMPTED_EXIT_CODE, Preempted, WorkerLostError
+    from capsules.errors import error_line
     from capsules.training import NonFiniteLossError
 
     try:
@@ -361,9 +396,11 @@ def main(argv: list[str]) -> None:
     except Preempted as stop:
         print(f"experiment.py: {stop}", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
-    # The project's own errors; others trace back.
-    except (UsageError, NonFiniteLossError, WorkerLostError) as error:
-        print(f"experiment.py: error: {error}", file=sys.stderr)
+    # The project's own errors, and what the system says of a folder or file it cannot
+    # write or read (e.g. an unwritable --summary_dir); others trace back.
+    except (UsageError, NonFiniteLossError, WorkerLostError, OSError,
+            tf.errors.OpError) as error:
+        print(f"experiment.py: error: {error_line(error)}", file=sys.stderr)
         sys.exit(1)
 
 

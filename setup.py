@@ -21,6 +21,11 @@ setup(
         "numpy>=1.23",
         "absl-py>=1.0",
         "tensorflow-datasets>=4.9",
+        # tensorflow-datasets 4.9 imports importlib_resources when it prepares a data set
+        # but declares it only for Python < 3.9: without it the tfds source of
+        # input_data.mnist.fetch and --data_dir=tfds:DIR stop with "No module named
+        # 'importlib_resources'".
+        "importlib_resources>=5",
         # tf.summary needs TensorBoard's implementation; it also views the summaries.
         "tensorboard>=2.16",
         # capsules.visualize draws its PNG figures with matplotlib.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any
 
 import keras
@@ -23,6 +24,11 @@ from capsules.hparams import HParams, ValidatedHParams, parse_overrides
 
 RUN_FILE = "hparams.json"
 """The run file's name (hparams.json: older run files held the hparams and flags only)."""
+_INDEX = re.compile(r"(.+-(\d+))\.index$")
+_SHARD = re.compile(r"\.data-(\d{5})-of-(\d{5})$")
+# What reading a damaged checkpoint raises: TensorFlow's errors (bad magic number, CRC
+# mismatch), IndexError for a truncated data file, OSError for an unreadable one.
+READ_ERRORS = (tf.errors.OpError, IndexError, OSError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,15 +67,19 @@ def model_name(model: keras.Model) -> str:
                      f"({', '.join(models.MODELS)}): register it there to write its run file")
 
 
-def write_run_file(directory: str, model: keras.Model, flags: dict[str, Any] | None = None
-                   ) -> str:
-    """Writes directory/RUN_FILE for checkpoints of `model` (atomically); returns its path."""
+def run_file_content(model: keras.Model, flags: dict[str, Any] | None = None) -> dict:
+    """The run file of checkpoints of `model`: its name, config, hparams and the `flags`."""
     name = model_name(model)
     config = model.get_config()
     hparams = config.pop("hparams")
+    return {"model": name, "config": config, "hparams": hparams, "flags": dict(flags or {})}
+
+
+def write_run_file(directory: str, model: keras.Model, flags: dict[str, Any] | None = None
+                   ) -> str:
+    """Writes directory/RUN_FILE for checkpoints of `model` (atomically); returns its path."""
     path = os.path.join(directory, RUN_FILE)
-    write_json_atomically(path, {"model": name, "config": config, "hparams": hparams,
-                                 "flags": dict(flags or {})})
+    write_json_atomically(path, run_file_content(model, flags))
     return path
 
 
@@ -81,8 +91,11 @@ def read_run_file(checkpoint_path: str) -> RunFile | None:
     path = os.path.join(os.path.dirname(checkpoint_path), RUN_FILE)
     if not os.path.exists(path):
         return None
-    with open(path) as handle:
-        content = json.load(handle)
+    try:
+        with open(path) as handle:
+            content = json.load(handle)
+    except (OSError, ValueError) as error:  # unreadable, or not JSON (damaged)
+        raise UsageError(f"{path} cannot be read ({error})") from None
     # Older run files (no "model") are CapsNet's or ConvBaseline's: HParams.
     known = models.MODELS.get(content.get("model"))
     try:
@@ -107,7 +120,8 @@ def load_model(checkpoint_path: str, hparams_override: str | None = None, *,
     hparams) needs both, an older run file (hparams and flags only) `dataset_info`.
 
     Args:
-      checkpoint_path: a checkpoint prefix, e.g. `runs/mnist/train/model.ckpt-3000`.
+      checkpoint_path: a checkpoint prefix, e.g. `runs/mnist/train/model.ckpt-3000`, its
+        `.index` file, or a folder (its latest checkpoint; `resolve_checkpoint`).
       hparams_override: "key=value,..." applied to the hyper-parameters.
       model: a name in `capsules.models.MODELS` ('capsule', 'baseline', ...).
       dataset_info: the images' shape and targets: anything with height, width, depth,
@@ -116,13 +130,13 @@ def load_model(checkpoint_path: str, hparams_override: str | None = None, *,
     Raises:
       MissingFileError: no checkpoint at `checkpoint_path`.
       UsageError: a bad override, an argument the checkpoint needs and was not given (named),
-        or a checkpoint that does not fit its model.
+        a checkpoint that does not fit its model, or a damaged checkpoint or run file.
 
     Example:
       >>> model = load_model("checkpoints/mnist/model.ckpt-8000")
       >>> lengths = model(images)  # [batch, 10]
     """
-    require_checkpoint(checkpoint_path)
+    checkpoint_path = resolve_checkpoint(checkpoint_path)
     run = read_run_file(checkpoint_path)
     name = run.model if run and run.model else model
     config = run.config if run else None
@@ -157,6 +171,61 @@ def require_checkpoint(path: str) -> None:
         raise MissingFileError(f"checkpoint {path} not found (no file {path}.index)")
 
 
+def complete_checkpoints(directory: str) -> list[str]:
+    """Prefixes `PREFIX-STEP` in `directory` whose index and every data shard exist.
+
+    Sorted by step, oldest first. (Whether they read back is found when restoring.)
+    """
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    found = []
+    for name in names:
+        match = _INDEX.match(name)
+        if not match:
+            continue
+        prefix = match.group(1)
+        shards = [shard for other in names if other.startswith(prefix + ".data-")
+                  and (shard := _SHARD.search(other))]
+        counts = {int(shard.group(2)) for shard in shards}
+        if len(counts) == 1 and len(shards) == counts.pop():
+            found.append((int(match.group(2)), os.path.join(directory, prefix)))
+    return [path for _, path in sorted(found)]
+
+
+def resolve_checkpoint(path: str) -> str:
+    """The checkpoint prefix meant by `path`: a prefix, its `.index` or `.data-*` file, or a
+    folder (its latest checkpoint: the one its `checkpoint` state file names if complete,
+    else the newest complete one).
+
+    Raises:
+      MissingFileError: naming `path` when it leads to no checkpoint.
+    """
+    if os.path.isdir(path):
+        try:
+            latest = tf.train.latest_checkpoint(path)
+        except (ValueError, tf.errors.OpError):  # a garbled state file
+            latest = None
+        complete = complete_checkpoints(path)
+        if latest is not None and os.path.abspath(latest) in map(os.path.abspath, complete):
+            return latest
+        if complete:
+            return complete[-1]
+        raise MissingFileError(f"checkpoint folder {path} holds no complete checkpoint "
+                                "(PREFIX-STEP.index with its .data-* files)")
+    if path.endswith(".index"):
+        path = path[: -len(".index")]
+    elif shard := _SHARD.search(path):
+        path = path[: shard.start()]
+    require_checkpoint(path)
+    return path
+
+
+def _read_error(path: str, error: BaseException) -> UsageError:
+    reason = next((line.strip() for line in str(error).splitlines() if line.strip()),
+                  type(error).__name__)
+    return UsageError(f"checkpoint {path} cannot be read ({reason}): it is damaged; use "
+                      "another checkpoint")
+
+
 def checkpoint_step(path: str) -> int:
     """The step of a checkpoint prefix `.../model.ckpt-STEP` (0 without a numeric suffix)."""
     suffix = os.path.basename(path).rsplit("-", 1)[-1]
@@ -184,6 +253,13 @@ def restore_weights(model: keras.Model, path: str) -> None:
     checkpoint (as the shipped one) it takes the weights, its optimizer untouched.
     """
     require_checkpoint(path)
+    try:
+        _restore_weights(model, path)
+    except READ_ERRORS as error:
+        raise _read_error(path, error) from None
+
+
+def _restore_weights(model: keras.Model, path: str) -> None:
     if is_tf1_checkpoint(path):
         from capsules import tf1_checkpoint
 

@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from capsules import features as keys
-from capsules.errors import UsageError
+from capsules.errors import DataReadError, UsageError, error_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +87,7 @@ def collect_logits(
     patching=True)`) are scored crop by crop, each batch of crops the size of a batch of
     images, and the logits are `combine_crop_scores` of all the examples' crop scores
     (one call, so that one normalisation serves every example).
+    Raises DataReadError if reading fails part way: no figures from part of a file.
     """
     predict = tf.function(lambda images: model(images, training=False))
 
@@ -97,9 +98,14 @@ def collect_logits(
                         axis=1)
 
     logits, labels, seen = [], [], 0
-    for features in dataset:
-        if seen >= eval_size:
+    batches = iter(dataset)
+    while seen < eval_size:
+        try:
+            features = next(batches)
+        except StopIteration:
             break
+        except tf.errors.OpError as error:
+            raise DataReadError(error_line(error)) from error
         take = min(eval_size - seen, int(features[keys.IMAGES].shape[0]))
         logits.append(batch_logits(features[keys.IMAGES])[:take])
         labels.append(features[keys.LABELS].numpy()[:take])

@@ -19,7 +19,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from capsules import checkpoints
-from capsules.errors import UsageError
+from capsules.errors import UsageError, error_line
 
 
 def export_weights(checkpoint: str, output_dir: str, model: str | None = None,
@@ -28,8 +28,10 @@ def export_weights(checkpoint: str, output_dir: str, model: str | None = None,
 
     `model` and `dataset_info` are needed only for a checkpoint without a (complete) run
     file, as `capsules.checkpoints.load_model` says. Returns the new checkpoint's prefix,
-    output_dir/model.ckpt-STEP.
+    output_dir/model.ckpt-STEP. `checkpoint` may also be its `.index` file or a folder (its
+    latest checkpoint).
     """
+    checkpoint = checkpoints.resolve_checkpoint(checkpoint)
     restored = checkpoints.load_model(checkpoint, model=model, dataset_info=dataset_info)
     run = checkpoints.read_run_file(checkpoint)
     step = checkpoints.checkpoint_step(checkpoint)
@@ -47,8 +49,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
         print(export_weights(flags.FLAGS.checkpoint, flags.FLAGS.output_dir))
-    except UsageError as error:
-        print(f"export: error: {error}", file=sys.stderr)
+    except (UsageError, OSError, tf.errors.OpError) as error:  # OSError: unwritable output
+        print(f"export: error: {error_line(error)}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 
@@ -34,6 +35,10 @@ class ValidatedHParams:
                     f"hparam {name}={getattr(self, name)!r}: allowed values are "
                     + ", ".join(allowed)
                 )
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if type(value) is float and not math.isfinite(value):
+                raise ValueError(f"hparam {field.name}={value!r}: must be finite")
         for name in self._POSITIVE:
             if getattr(self, name) <= 0:
                 raise ValueError(f"hparam {name}={getattr(self, name)!r}: must be > 0")

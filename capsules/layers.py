@@ -369,7 +369,13 @@ class Length(keras.layers.Layer):
     """Capsule lengths, the class scores of a CapsNet: `[..., atoms]` -> `[...]`.
 
     Uses `ops.safe_norm`, finite gradient for a zero capsule.
+    Input shape: `[batch, ..., atoms]`, rank 2 or more (a rank-1 input has no batch axis
+    and would be reduced to one number).
     """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.input_spec = keras.InputSpec(min_ndim=2)
 
     def call(self, inputs):
         return ops.safe_norm(inputs, axis=-1)

@@ -10,6 +10,7 @@ feature dicts of `input_data.inputs`.
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 # Keras' own input adapters (keras>=3,<4): fit/evaluate/predict take the data as Keras would.
@@ -73,6 +74,30 @@ class _NoAutotuneAdapter(DataAdapter):
 
     def on_epoch_end(self):
         self.adapter.on_epoch_end()
+
+
+def checked_class_ids(ids: tf.Tensor, num_classes: int, name: str) -> tf.Tensor:
+    """`ids` (ints `[batch]`), checked to be classes 0..num_classes-1.
+
+    tf.one_hot makes an all-zero target of an id out of range, which trains and decodes
+    silently on nothing. Known values raise ValueError at once; in a graph (model.fit) an
+    assertion fails the step with the same message (XLA drops assertions, so with
+    jit_compile=True the check is the eager one only).
+    """
+    ids = tf.convert_to_tensor(ids)
+    if not ids.dtype.is_integer:
+        raise ValueError(f"{name} must be integer class ids, got {ids.dtype}")
+    message = f"{name} must be class ids in 0..{num_classes - 1}"
+    known = tf.get_static_value(ids)
+    if known is not None:
+        bad = np.unique(known[(known < 0) | (known >= num_classes)])
+        if bad.size:
+            raise ValueError(f"{message}, got {bad.tolist()}")
+        return ids
+    checks = [tf.debugging.assert_non_negative(ids, message=message),
+              tf.debugging.assert_less(ids, tf.cast(num_classes, ids.dtype), message=message)]
+    with tf.control_dependencies(checks):
+        return tf.identity(ids)
 
 
 class _ReferenceModel(keras.Model):
@@ -330,7 +355,8 @@ class _ReferenceModel(keras.Model):
                 raise ValueError(
                     f"labels of shape {labels.shape} must be integer class ids, got {labels.dtype}"
                 )
-            return tf.one_hot(tf.reshape(labels, [-1]), self.num_classes)
+            ids = checked_class_ids(tf.reshape(labels, [-1]), self.num_classes, "labels")
+            return tf.one_hot(ids, self.num_classes)
         if labels.shape.rank != 2 or labels.shape[-1] != self.num_classes:
             raise ValueError(
                 f"labels must be class ids [batch] or k-hot [batch, {self.num_classes}] "
@@ -460,6 +486,7 @@ class CapsNet(_ReferenceModel):
         labels = tf.convert_to_tensor(labels)
         if labels.shape.rank == 2:
             labels = tf.argmax(labels, axis=-1)
+        labels = checked_class_ids(labels, self.num_classes, "reconstruct labels")
         capsules = self.class_capsule_outputs(images)
         pixels = self.decoder([capsules, tf.one_hot(labels, self.num_classes)])
         return unflatten_depth_major(pixels, self.image_shape)

@@ -9,24 +9,32 @@ kept, and the last step is always saved.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
+from collections.abc import Callable
 
 import keras
 import tensorflow as tf
 
-from capsules import distribute
+from capsules import distribute, run_dir
 from capsules import features as keys
-from capsules.checkpoints import write_run_file
+from capsules.checkpoints import (
+    RUN_FILE,
+    checkpoint_step,
+    run_file_content,
+    write_json_atomically,
+)
+from capsules.errors import DataReadError, error_line
 from capsules.models import CapsNet
+from capsules.run_dir import CHECKPOINT_NAME
 
-CHECKPOINT_NAME = "model.ckpt"
 STOP = "stop"  # the step's result telling whether a worker got SIGTERM
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss."""
+    """Training produced a NaN or infinite loss or weights."""
 
 
 def checkpoint_manager(model: keras.Model, directory: str, max_to_keep: int | None = None):
@@ -47,7 +55,7 @@ def _reconstruction_summary(model: CapsNet, features: dict, max_images: int = 10
 
 def train(
     model: keras.Model,
-    dataset: tf.data.Dataset,
+    dataset: tf.data.Dataset | Callable[[int], tf.data.Dataset],
     train_dir: str,
     max_steps: int,
     save_step: int,
@@ -55,13 +63,20 @@ def train(
     strategy: tf.distribute.Strategy | None = None,
     run_flags: dict | None = None,
     verbose: bool = True,
+    keep_checkpoints: int | None = run_dir.DEFAULT_KEEP,
+    allow_changes: bool = False,
 ) -> int:
     """Trains `model` (compiled) on batches of `dataset` until step max_steps.
+
+    One run at a time per train_dir (`run_dir.locked`, held by the chief of a cluster);
+    what killed runs left there is removed first, then the newest checkpoint that reads
+    back whole and finite is restored (`run_dir.restore_newest`).
 
     Args:
       model: a compiled CapsNet or ConvBaseline, built under `strategy`'s scope.
       dataset: repeating dataset of `input_data.inputs` feature dicts, or such batches
-        distributed already (`distribute.distributed_inputs`).
+        distributed already (`distribute.distributed_inputs`), or a function of the
+        restored step returning either (so that a resumed run continues its data stream).
       train_dir: checkpoints model.ckpt-STEP, the run file and summaries go here;
         a latest checkpoint found here is restored first (optimizer state and step).
         Under a multi-worker strategy every worker restores from here and the chief alone
@@ -72,33 +87,51 @@ def train(
       strategy: distribution strategy the model was built in (default: none).
       run_flags: the run's flags, written to the run file with the model's config
         (`capsules.checkpoints.write_run_file`).
+      keep_checkpoints: the newest checkpoints kept (None: all).
+      allow_changes: let a resumed run change its model, hparams or settings
+        (`run_dir.SETTINGS_FLAGS`; the changes are recorded in the run file); otherwise
+        that is a run_dir.RunDirectoryError listing them.
 
-    Returns the last step. Raises NonFiniteLossError on a NaN or infinite loss,
-    after which the latest checkpoint in train_dir is the last good one;
+    Returns the last step. Raises NonFiniteLossError on a NaN or infinite loss or
+    weights, after which the latest checkpoint in train_dir is the last finite one;
+    run_dir.RunDirectoryError for a directory in use, unwritable or beyond repair;
     distribute.Preempted when a worker got SIGTERM (all saved a checkpoint at the step
     where they stopped); distribute.WorkerLostError when a peer worker stopped.
     """
     strategy = strategy or tf.distribute.get_strategy()
-    with distribute.write_dir(strategy, train_dir) as own_dir:
+    chief = distribute.is_chief(strategy)
+    with (run_dir.locked(train_dir) if chief else contextlib.nullcontext(),
+          distribute.write_dir(strategy, train_dir) as own_dir):
+        if chief:  # for the whole cluster
+            run_dir.remove_leftovers(train_dir)
         return _train(model, dataset, train_dir, own_dir, max_steps, save_step, batch_size,
-                      strategy, run_flags, verbose)
+                      strategy, run_flags, verbose, keep_checkpoints, allow_changes)
 
 
 def _train(model, dataset, train_dir, own_dir, max_steps, save_step, batch_size, strategy,
-           run_flags, verbose) -> int:
+           run_flags, verbose, keep_checkpoints, allow_changes) -> int:
     """`train`, writing to own_dir (train_dir on the chief, a temporary one elsewhere)."""
     chief = distribute.is_chief(strategy)
-    manager = checkpoint_manager(model, own_dir, max_to_keep=None if chief else 1)
     with strategy.scope():
         model.optimizer.build(model.trainable_variables)
-    latest = tf.train.latest_checkpoint(train_dir)
-    if latest:
-        manager.checkpoint.restore(latest).assert_existing_objects_matched()
-    step = int(model.optimizer.iterations.numpy())
+    # The weights and the optimizer state; not the metrics (on-read variables that a read
+    # outside a step would all-reduce across workers).
+    checked_variables = model.weights + model.optimizer.variables
+    # The settings are checked before restoring: a changed model would not fit. Every
+    # worker restores the same checkpoint of train_dir; the chief alone repairs its files.
+    newest = run_dir.repair_state(train_dir, write=chief)
+    content = run_dir.resumed_config(train_dir, run_file_content(model, run_flags),
+                                     checkpoint_step(newest) if newest else 0, allow_changes)
+    run_dir.restore_newest(tf.train.Checkpoint(model=model), train_dir, checked_variables,
+                           write=chief)
     if chief:
-        write_run_file(train_dir, model, run_flags)
+        write_json_atomically(os.path.join(train_dir, RUN_FILE), content)
+    manager = checkpoint_manager(model, own_dir, keep_checkpoints if chief else 1)
+    step = int(model.optimizer.iterations.numpy())
     if step >= max_steps:
         return step
+    if callable(dataset):
+        dataset = dataset(step)
 
     @tf.function
     def distributed_step(features, stop):
@@ -123,7 +156,12 @@ def _train(model, dataset, train_dir, own_dir, max_steps, save_step, batch_size,
           distribute.peer_errors_as_worker_lost(strategy, train_dir)):
         last_time = time.perf_counter()
         while step < max_steps:
-            features = next(batches)
+            try:
+                features = next(batches)
+            except StopIteration:
+                raise DataReadError(f"the training data ended at step {step}") from None
+            except tf.errors.OpError as error:
+                raise DataReadError(error_line(error)) from error
             results = distributed_step(features, tf.constant(float(stop_signal.requested)))
             scalars = {name: float(value) for name, value in results.items()}
             stop = scalars.pop(STOP) > 0
@@ -139,6 +177,14 @@ def _train(model, dataset, train_dir, own_dir, max_steps, save_step, batch_size,
                 "learning_rate", model.optimizer.learning_rate.numpy(), step=step
             )
             if step % save_step == 0 or step == max_steps or stop:
+                # The loss above was computed before this step's update: the weights it
+                # made are checked too, so that every checkpoint is finite.
+                if not run_dir.all_finite(checked_variables):
+                    raise NonFiniteLossError(
+                        f"weights are NaN or infinite after step {step} (loss "
+                        f"{scalars['loss']}); training stopped, the last good checkpoint is "
+                        f"{manager.latest_checkpoint or 'none (no checkpoint yet)'}"
+                    )
                 manager.save(checkpoint_number=step)
                 if chief and isinstance(model, CapsNet) and model.decoder is not None:
                     local = strategy.experimental_local_results(features)[0]

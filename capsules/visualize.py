@@ -68,8 +68,9 @@ def load_capsnet(checkpoint: str, dataset: str = "mnist", num_targets: int = 1,
     The model comes from the run file next to the checkpoint, its hparams changed by
     `hparams_override` ("key=value,..."); `dataset`, `num_targets` and `distort` give the
     images' shape where the run file does not (a TF1 checkpoint, an older run file).
+    `checkpoint` may be a prefix, its .index file or a folder (its latest checkpoint).
     Raises MissingFileError for a missing checkpoint and UsageError for one that does not
-    fit or is no CapsNet's.
+    fit, is damaged or is no CapsNet's.
     """
     model = checkpoints.load_model(
         checkpoint, hparams_override, model="capsule",
@@ -86,9 +87,13 @@ def read_test_examples(data_dir: str, count: int, start: int = 0, dataset: str =
     `input_data.inputs` (images, labels, recons_*, for two targets spare_*)."""
     data = input_data.inputs(dataset, "test", data_dir, min(count, 100), num_targets=num_targets,
                              distort=distort)
-    for features in data.unbatch().skip(start).batch(count).take(1):
-        if features[keys.IMAGES].shape[0] == count:
-            return {name: value.numpy() for name, value in features.items()}
+    try:
+        for features in data.unbatch().skip(start).batch(count).take(1):
+            if features[keys.IMAGES].shape[0] == count:
+                return {name: value.numpy() for name, value in features.items()}
+    except tf.errors.OpError as error:  # a damaged file: name it
+        raise UsageError(input_data.read_error_line(error, dataset, "test", data_dir,
+                                                    num_targets)) from None
     raise UsageError(f"{data_dir}: the test data has no example {start + count - 1} (examples "
                      f"0..{start + count - 1} are drawn; see --num_images, --image_index)")
 
@@ -156,7 +161,14 @@ def _text(figure: Figure, left: float, top: float, text: str, **style) -> None:
 
 
 def _save(figure: Figure, path: str) -> str:
-    figure.savefig(path, dpi=DPI)
+    # Under a temporary name, then renamed: a picture already there is never half-written.
+    temporary = f"{path}.tmp{os.getpid()}"
+    try:
+        figure.savefig(temporary, dpi=DPI, format=os.path.splitext(path)[1][1:] or "png")
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
     return path
 
 
@@ -369,7 +381,7 @@ def write_pictures(output_dir: str, checkpoint: str | None = None, data_dir: str
         paths.append(plot_curves(summary_dir, os.path.join(output_dir, CURVES)))
     if not checkpoint:
         return paths
-    checkpoints.require_checkpoint(checkpoint)
+    checkpoint = checkpoints.resolve_checkpoint(checkpoint)
     data = {"dataset": dataset, "num_targets": num_targets, "distort": distort}
     examples = read_test_examples(data_dir, max(num_images, num_perturbed), **data)
     one = read_test_examples(data_dir, 1, start=image_index, **data)
@@ -423,7 +435,7 @@ def main(argv: list[str]) -> None:
         paths = write_pictures(
             f.output_dir, f.checkpoint, f.data_dir, f.summary_dir, f.dataset, f.num_targets,
             f.distort, f.hparams_override, f.num_images, f.num_perturbed, f.image_index)
-    except (UsageError, tf.errors.OpError) as error:  # OpError: a record the reader rejects
+    except (UsageError, OSError, tf.errors.OpError) as error:  # OSError: unwritable output
         message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         print(f"visualize: error: {message}", file=sys.stderr)
         sys.exit(1)

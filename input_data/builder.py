@@ -52,7 +52,7 @@ def file_records(files: Sequence[str], read: Callable[[tf.Tensor], tf.data.Datas
 
 def build(reader: Reader, records: tf.data.Dataset, batch_size: int, is_training: bool,
           repeat: bool = False, seed: int | None = None,
-          shard: tuple[int, int] | None = None) -> tf.data.Dataset:
+          shard: tuple[int, int] | None = None, skip_steps: int = 0) -> tf.data.Dataset:
     """Batches of `reader`'s model features from (source name, record) pairs.
 
     Training shuffles the examples and gives every example its own random seed, so with
@@ -61,9 +61,15 @@ def build(reader: Reader, records: tf.data.Dataset, batch_size: int, is_training
     partial batch. With `repeat` the data repeats forever (in training a remainder batch
     is dropped, so every batch has `batch_size` examples). With `shard` (count, index) only
     batches index, index + count, ... are kept.
+    Training with `seed` set skips the examples of the first `skip_steps` steps of that
+    stream (before decoding them, so cheaply: batch_size each, times the shard count with
+    `shard`): a resumed run continues the stream where it stopped instead of replaying it;
+    without a seed every pipeline draws a new stream anyway, and `skip_steps` is ignored.
     """
     if batch_size < 1:
         raise UsageError(f"batch_size={batch_size}: expected >= 1")
+    if skip_steps < 0:
+        raise UsageError(f"skip_steps={skip_steps}: expected >= 0")
     autotune = tf.data.AUTOTUNE
     ds = records
     if is_training:
@@ -72,7 +78,11 @@ def build(reader: Reader, records: tf.data.Dataset, batch_size: int, is_training
         ds = ds.repeat()
     if is_training:
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-        ds = tf.data.Dataset.zip((ds, seeds)).map(
+        ds = tf.data.Dataset.zip((ds, seeds))
+        if skip_steps and seed is not None:
+            # A step takes one batch of this pipeline, or one of every shard's (`shard` below).
+            ds = ds.skip(skip_steps * batch_size * (shard[0] if shard else 1))
+        ds = ds.map(
             lambda record, pair: reader.parse_train(reader.decode(*record), pair),
             num_parallel_calls=autotune, deterministic=seed is not None)
     else:

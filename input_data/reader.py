@@ -7,8 +7,9 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
-from capsules.errors import UsageError
+from capsules.errors import DataReadError, UsageError, error_line
 from input_data import builder, tfds_source
+from input_data import records as records_lib
 from input_data.cifar10 import cifar10_input
 from input_data.info import SPLITS, check_name, dataset_info
 from input_data.mnist import mnist_input_record, multimnist, record_names
@@ -19,7 +20,7 @@ def inputs(dataset: str, split: str, data_dir: str, batch_size: int,
            num_targets: int | None = None, validate: bool = False, distort: bool = False,
            random_shift: int = 0, repeat: bool = False, seed: int | None = None,
            shard: tuple[int, int] | None = None, num_pairs: int = 1,
-           patching: bool = False) -> tf.data.Dataset:
+           patching: bool = False, skip_steps: int = 0) -> tf.data.Dataset:
     """Batches of feature dicts for training (split='train') or evaluation (split='test').
 
     Args:
@@ -56,6 +57,9 @@ def inputs(dataset: str, split: str, data_dir: str, batch_size: int,
       num_pairs: multimnist test only: pairs per test digit (1: 10,000 pairs).
       patching: norb evaluation only: the EM-routing reference's 13 test-time crops of
         each image instead of the central one (images [batch, 13, 32, 32, 2]).
+      skip_steps: training from record files with a seed: the steps a resumed run already
+        trained on, whose examples are skipped so that it continues its stream rather than
+        replay it (see `builder.build`). (multimnist's training pairs are drawn anew.)
 
     Returns:
       A dataset of dicts, with `info = dataset_info(dataset, num_targets, distort)`:
@@ -102,7 +106,8 @@ def inputs(dataset: str, split: str, data_dir: str, batch_size: int,
             files, shard = files[index::count], None
             seed = None if seed is None else seed + index
         records = builder.file_records(files, read, is_training, seed)
-    return builder.build(reader, records, batch_size, is_training, repeat, seed, shard)
+    return builder.build(reader, records, batch_size, is_training, repeat, seed, shard,
+                         skip_steps)
 
 
 def _reader(dataset: str, num_targets: int, distort: bool, shift: int) -> builder.Reader:
@@ -123,3 +128,28 @@ def _files(dataset: str, split: str, data_dir: str, num_targets: int, validate: 
     else:
         files = mnist_input_record.record_files(split, data_dir, validate, shift)
     return files, tf.data.TFRecordDataset
+
+
+def read_error_line(error: BaseException, dataset: str, split: str, data_dir: str,
+                    num_targets: int = 1, validate: bool = False, random_shift: int = 0) -> str:
+    """One line naming the file behind an error raised while reading `inputs(...)` and
+    what is wrong with it (same arguments as `inputs`).
+
+    TensorFlow's errors for a corrupt or truncated record do not name the file: each file
+    of the split is read again (records only, not decoded) to find the damaged one.
+    """
+    if isinstance(error, DataReadError) and error.__cause__ is not None:
+        error = error.__cause__
+    line = error_line(error)
+    if not tfds_source.is_tfds(data_dir) and dataset != "multimnist":  # record files
+        shift = random_shift if split == "train" and dataset == "mnist" else 0
+        try:
+            files, read = _files(dataset, split, data_dir, num_targets, validate, shift)
+        except (ValueError, OSError) as missing:
+            return str(missing)
+        damaged = records_lib.damaged_file(files, read)
+        if damaged:
+            return damaged
+        if any(line.startswith(f"{path}: ") for path in files):  # a record's check failed
+            return line
+    return f"{data_dir}: {line}"

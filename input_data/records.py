@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 import tensorflow as tf
 
-from capsules.errors import MissingFileError, UsageError
+from capsules.errors import MissingFileError, UsageError, error_line
+from capsules.run_dir import process_alive
 
 T = TypeVar("T")
 
@@ -45,10 +47,45 @@ def expand_sharded(spec: str) -> list[str]:
 
 
 def require_files(paths: Sequence[str], how_to_make: str) -> None:
-    """Raises MissingFileError naming the first missing path and the command that makes it."""
+    """Raises MissingFileError naming the first missing path and the command that makes it.
+
+    An empty file or a folder in a file's place is a UsageError saying the same.
+    """
     for path in paths:
         if not tf.io.gfile.exists(path):
             raise MissingFileError(f"{path} not found; make it with: {how_to_make}")
+        if tf.io.gfile.isdir(path):
+            raise UsageError(f"{path} is a folder, not a data file; make it with: {how_to_make}")
+        if tf.io.gfile.stat(path).length == 0:
+            raise UsageError(f"{path} is empty (0 bytes); make it again with: {how_to_make}")
+
+
+def damaged_file(files: Sequence[str], read: Callable[[tf.Tensor], tf.data.Dataset]) -> str | None:
+    """'<file>: <what is wrong>' for the first of `files` that `read` cannot read whole.
+
+    Reads every record (in TensorFlow, without decoding them): a diagnosis made after a
+    read error, whose own message does not name the file.
+    """
+    for path in files:
+        try:
+            read(tf.constant(path)).reduce(tf.constant(0, tf.int64), lambda count, _: count + 1)
+        except tf.errors.OpError as error:
+            return f"{path}: {error_line(error)} (damaged; make the file again)"
+    return None
+
+
+def remove_stale_temps(path: str) -> list[str]:
+    """Removes the `PATH.tmp-PID` files of `atomic_paths` whose process is gone (killed)."""
+    folder, name = os.path.split(path)
+    pattern = re.compile(re.escape(name) + r"\.tmp-(\d+)$")
+    removed = []
+    for other in os.listdir(folder or ".") if os.path.isdir(folder or ".") else []:
+        match = pattern.match(other)
+        if match and not process_alive(int(match.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, other))
+                removed.append(os.path.join(folder, other))
+    return removed
 
 
 @contextlib.contextmanager
@@ -56,7 +93,10 @@ def atomic_paths(paths: Sequence[str]) -> Iterator[list[str]]:
     """Yields temporary names for `paths`; renames them into place only on success.
 
     On any exception the temporary files are removed and the final paths are untouched.
+    What a killed writer of the same paths left (`remove_stale_temps`) is removed first.
     """
+    for path in paths:
+        remove_stale_temps(path)
     temps = [f"{path}.tmp-{os.getpid()}" for path in paths]
     try:
         yield temps

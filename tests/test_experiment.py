@@ -2,7 +2,7 @@
 checkpoints, the run file, summaries and resumption, a NaN loss, evaluation of one checkpoint
 (single digits and MultiMNIST) and of each new one, the ensemble and its run files, export of
 a --distort run, and every bad input; in subprocesses only what needs the command line:
-kill -9 and resumption, exit codes and one-line errors, a traceback for what is no user error.
+kill -9 and resumption, exit codes and one-line errors (a damaged record file among them).
 
 The models are small (--hparams_override=num_prime_capsules=1,routing=1) and the batches
 4 images, so that each run takes about a second; the runs are shared between tests by
@@ -566,13 +566,14 @@ def test_command_line_error_is_one_line_with_exit_code_1(tmp_path, args, expecte
 
 
 @pytest.mark.slow
-def test_command_line_keeps_the_traceback_of_what_is_no_usage_error(first_run, tmp_path):
-    (tmp_path / record_name("test", 0)).write_bytes(b"not a record file")
+def test_command_line_names_a_damaged_record_file_in_one_line(first_run, tmp_path):
+    # (tests/test_experiment_faults.py: every kind of damage, in-process.)
+    path = tmp_path / record_name("test", 0)
+    path.write_bytes(b"not a record file")
     result = experiment_cli(f"--data_dir={tmp_path}", "--train=false",
                             f"--checkpoint={first_run['checkpoints'][-1]}")
     assert result.returncode == 1
-    assert "Traceback (most recent call last)" in result.stderr, result.stderr[-3000:]
-    assert ERROR_PREFIX not in result.stderr
+    assert error_line(result).startswith(f"{ERROR_PREFIX}{path}: "), result.stderr[-3000:]
 
 
 @pytest.mark.slow

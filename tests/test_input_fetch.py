@@ -137,3 +137,40 @@ def test_idx_round_trip_and_errors(tmp_path):
         idx.decode(idx.encode_images(images)[:-10], "t10k-images-idx3-ubyte")
     with pytest.raises(ValueError, match="bad: magic"):
         idx.decode(b"\0" * 16, "bad")
+
+
+def test_fetch_into_an_unwritable_folder_fails_before_downloading(tmp_path, monkeypatch):
+    downloads = []
+    monkeypatch.setitem(fetch.SOURCES, "keras", lambda data_dir: downloads.append(data_dir))
+    (tmp_path / "a_file").write_text("")
+    data_dir = str(tmp_path / "a_file" / "mnist")
+    with pytest.raises(OSError, match=f"{data_dir}: cannot write the MNIST files there"):
+        fetch.fetch(data_dir, ("local", "keras"))
+    assert downloads == []
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bad_gzip"])
+def test_damaged_idx_file_is_one_line_saying_what_to_do(tmp_path, damage):
+    splits = tiny_splits()
+    write_gz(tmp_path, splits)
+    name = idx.TEST_FILES[0]
+    if damage == "truncated":
+        with gzip.open(tmp_path / (name + ".gz")) as f:
+            (tmp_path / name).write_bytes(f.read()[:-100])
+        os.remove(tmp_path / (name + ".gz"))
+        path = tmp_path / name
+    else:
+        path = tmp_path / (name + ".gz")
+        path.write_bytes(b"not gzip at all")
+    advice = f"the file is damaged; remove it and run `python -m input_data.mnist.fetch " \
+             f"--data_dir={tmp_path}`"
+    with pytest.raises(RuntimeError) as raised:
+        fetch.fetch(str(tmp_path), ("local", "keras"), expected_for(splits))
+    message = str(raised.value)
+    assert f"local: ValueError: {path}: " in message and advice in message, message
+    assert "keras" not in message  # nothing downloaded over the damaged files
+    assert "\n" not in message
+    if damage == "truncated":
+        with pytest.raises(ValueError,
+                           match=f"{path}: 2268 bytes, expected 2368 .*the file is damaged"):
+            idx.read(str(path))

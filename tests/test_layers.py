@@ -158,11 +158,17 @@ def test_bad_arguments_raise(make):
         (layers.Capsule(3, 4), (2, 6), r"\[batch, input_dim, input_atoms\]"),
         (layers.ConvCapsule(3, 4), (2, 7, 7, 5), r"\[batch, height, width, input_dim"),
         (layers.PrimaryCapsule(3, 4), (2, 7, 7), r"\[batch, height, width, channels\]"),
+        (layers.Length(), (16,), r"expected min_ndim=2, found ndim=1"),  # no batch axis
     ],
 )
 def test_wrong_rank_names_the_expected_shape(layer, shape, expected):
     with pytest.raises(ValueError, match=expected):
         layer(tf.zeros(shape))
+
+
+def test_decoder_wrong_rank_names_the_expected_shapes():
+    with pytest.raises(ValueError, match=r"expects \[capsules \[batch, num_capsules, atoms\]"):
+        layers.ReconstructionDecoder(4)([tf.zeros([2, 3]), tf.zeros([2, 3])])
 
 
 def test_wrong_input_dim_after_build_raises():

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,3 +178,21 @@ def test_command_line_prints_a_one_line_error(tmp_path):
     missing = f"{tmp_path}/model.ckpt-1"
     assert result.stderr.splitlines()[-1:] == [
         f"visualize: error: checkpoint {missing} not found (no file {missing}.index)"]
+
+
+def test_damaged_inputs_raise_one_line_naming_the_file(workspace, tmp_path):
+    out = str(tmp_path / "out")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    name = mnist_shift.record_name("test", 0)
+    content = (Path(workspace["data_dir"]) / name).read_bytes()
+    (data_dir / name).write_bytes(content[:100] + b"\xff" * 4 + content[104:])
+    with pytest.raises(ValueError, match=rf"^{data_dir / name}: corrupted record"):
+        visualize.write_pictures(out, workspace["checkpoint"], str(data_dir), num_images=2)
+    checkpoint_dir = tmp_path / "checkpoint"
+    prefix = save_tiny_capsnet(str(checkpoint_dir), 28)
+    data = Path(prefix + ".data-00000-of-00001")
+    data.write_bytes(data.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=rf"^checkpoint {prefix} cannot be read .*damaged"):
+        visualize.write_pictures(out, str(checkpoint_dir), workspace["data_dir"], num_images=2)
+    assert not os.path.exists(out) or os.listdir(out) == []  # nothing half-drawn

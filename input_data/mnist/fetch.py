@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable
 
 import numpy as np
@@ -116,19 +117,28 @@ def splits_from_pickle(data: bytes) -> Splits:
 
 
 def from_local(data_dir: str) -> Splits:
-    """The IDX files already in `data_dir`, each raw or gzipped (`NAME.gz`)."""
-    blobs = {}
+    """The IDX files already in `data_dir`, each raw or gzipped (`NAME.gz`).
+
+    A file that is not a whole IDX file (or gzip of one) is a ValueError naming it and
+    saying what to do.
+    """
+    arrays = {}
     for name in idx.ALL_FILES:
         path = os.path.join(data_dir, name)
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                blobs[name] = f.read()
-        elif os.path.exists(path + ".gz"):
-            with gzip.open(path + ".gz", "rb") as f:
-                blobs[name] = f.read()
-        else:
-            raise FileNotFoundError(f"neither {path} nor {path}.gz exists")
-    arrays = {name: idx.decode(blob, name) for name, blob in blobs.items()}
+        try:
+            if os.path.exists(path):
+                with open(path, "rb") as f:
+                    blob = f.read()
+            elif os.path.exists(path + ".gz"):
+                path += ".gz"
+                with gzip.open(path, "rb") as f:
+                    blob = f.read()
+            else:
+                raise FileNotFoundError(f"neither {path} nor {path}.gz exists")
+            arrays[name] = idx.decode(blob, path)
+        except (ValueError, EOFError, gzip.BadGzipFile, zlib.error) as error:
+            raise idx.damaged(path, str(error) if path in str(error) else f"{path}: {error}"
+                              ) from None
     return {"train": (arrays[idx.TRAIN_FILES[0]], arrays[idx.TRAIN_FILES[1]]),
             "test": (arrays[idx.TEST_FILES[0]], arrays[idx.TEST_FILES[1]])}
 
@@ -219,17 +229,32 @@ def write_verified(data_dir: str, blobs: dict[str, bytes], expected: Expected) -
                               f"{expected.sha256[name]}")
 
 
+def require_writable(data_dir: str) -> None:
+    """Raises OSError naming `data_dir` unless files can be made in it (made if absent)."""
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=data_dir):
+            pass
+    except OSError as error:
+        raise OSError(f"{data_dir}: cannot write the MNIST files there "
+                      f"({error.strerror or error}); choose another --data_dir") from None
+
+
 def fetch(data_dir: str, sources: tuple[str, ...] = tuple(SOURCES),
           expected: Expected = MNIST) -> str:
     """Makes the four verified MNIST IDX files in `data_dir`; returns the source used.
 
     IDX files already in `data_dir` that fail the checks are an error, never overwritten.
+    Before the first download `data_dir` is checked to be writable.
 
     Raises:
       RuntimeError: naming every source tried and why it failed.
+      OSError: when `data_dir` cannot be written to (before anything is downloaded).
     """
     failures = []
     for source in sources:
+        if source != "local":
+            require_writable(data_dir)
         try:
             blobs = encode(SOURCES[source](data_dir), expected)
         except FileNotFoundError as e:
@@ -238,6 +263,9 @@ def fetch(data_dir: str, sources: tuple[str, ...] = tuple(SOURCES),
         except Exception as e:  # any other failure: try the next source, unless local
             failures.append(f"{source}: {type(e).__name__}: {e}")
             if source == "local":
+                if "the file is damaged" not in str(e):
+                    failures[-1] += (f" (the IDX files in {data_dir} are not MNIST's: remove "
+                                     "them and run again)")
                 break
             logging.info("MNIST source %s failed: %s", source, e)
             continue
@@ -253,7 +281,11 @@ def main(argv: list[str]) -> None:
     del argv
     source_flag = flags.FLAGS.source
     sources = tuple(SOURCES) if source_flag == "auto" else (source_flag,)
-    source = fetch(flags.FLAGS.data_dir, sources)
+    try:
+        source = fetch(flags.FLAGS.data_dir, sources)
+    except (RuntimeError, OSError) as error:
+        print(f"fetch: error: {error}", file=sys.stderr)
+        sys.exit(1)
     print(f"MNIST IDX files ready in {flags.FLAGS.data_dir} (source: {source})")
 
 

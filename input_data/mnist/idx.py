@@ -49,10 +49,27 @@ def decode(data: bytes, name: str) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=offset).reshape(shape)
 
 
+FETCH_COMMAND = "python -m input_data.mnist.fetch --data_dir={}"
+
+
+def damaged(path: str, problem: str) -> ValueError:
+    """The error for a damaged IDX file: what is wrong and how to make it again."""
+    return ValueError(f"{problem}: the file is damaged; remove it and run "
+                      f"`{FETCH_COMMAND.format(os.path.dirname(path) or '.')}`")
+
+
 def read(path: str) -> np.ndarray:
-    """Reads an IDX file: uint8 images [n, 28, 28] or labels [n]."""
+    """Reads an IDX file: uint8 images [n, 28, 28] or labels [n].
+
+    Raises:
+      ValueError: naming the file, what is wrong and the command that makes it again.
+    """
     with open(path, "rb") as f:
-        return decode(f.read(), path)
+        data = f.read()
+    try:
+        return decode(data, path)
+    except ValueError as error:
+        raise damaged(path, str(error)) from None
 
 
 def read_split(data_dir: str, files: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:

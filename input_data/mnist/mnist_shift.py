@@ -172,7 +172,11 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     if f.shift < 0 or f.pad < 0:
         raise app.UsageError("--shift and --pad must be >= 0")
-    images, labels = load_split(f.data_dir, f.split)
+    try:
+        images, labels = load_split(f.data_dir, f.split)
+    except (ValueError, OSError) as error:  # a missing or damaged IDX file: one line
+        print(f"mnist_shift.py: error: {error}", file=sys.stderr)
+        sys.exit(1)
     path = os.path.join(f.data_dir, record_name(f.split, f.shift, f.multi_targets))
     if f.multi_targets:
         if f.num_pairs < 1:
