@@ -279,8 +279,8 @@ def restore_newest(checkpoint: tf.train.Checkpoint, directory: str,
         print(f"warning: checkpoint {path} holds NaN or infinite weights; trying an older one",
               file=sys.stderr)
         damaged.append(path)
-    leftover = sorted(name for name in os.listdir(directory)
-                      if name.startswith(CHECKPOINT_NAME + "-"))
+    names = os.listdir(directory) if os.path.isdir(directory) else []  # (not made yet)
+    leftover = sorted(name for name in names if name.startswith(CHECKPOINT_NAME + "-"))
     if damaged or leftover:
         raise RunDirectoryError(
             f"no checkpoint of {directory} can be restored "

@@ -193,10 +193,15 @@ def test_only_incomplete_checkpoints_stop_too(saved):
         restore()
 
 
-def test_empty_directory_restores_nothing(tmp_path):
+@pytest.mark.parametrize("write", [True, False])
+def test_empty_or_absent_directory_restores_nothing(tmp_path, write):
     variable = tf.Variable(1.0)
     assert run_dir.restore_newest(tf.train.Checkpoint(v=variable), str(tmp_path),
-                                  [variable]) is None
+                                  [variable], write) is None
+    # A worker that is not the chief may look before the chief made the directory.
+    assert run_dir.restore_newest(tf.train.Checkpoint(v=variable), str(tmp_path / "train"),
+                                  [variable], write) is None
+    assert not (tmp_path / "train").exists()
 
 
 # ---- --checkpoint given a folder, an .index or a .data file ------------------------------
