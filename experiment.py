@@ -385,10 +385,9 @@ def main(argv: list[str]) -> None:
     config = Config.from_flags(FLAGS)
     if config.local_workers:
         sys.exit(run_local_workers(config))
-    import tensorflow as tf
 
     from capsules.distribute import PREEMPTED_EXIT_CODE, Preempted, WorkerLostError
-    from capsules.errors import error_line
+    from capsules.errors import FILE_ERRORS, error_line
     from capsules.training import NonFiniteLossError
 
     try:
@@ -396,10 +395,9 @@ def main(argv: list[str]) -> None:
     except Preempted as stop:
         print(f"experiment.py: {stop}", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
-    # The project's own errors, and what the system says of a folder or file it cannot
-    # write or read (e.g. an unwritable --summary_dir); others trace back.
-    except (UsageError, NonFiniteLossError, WorkerLostError, OSError,
-            tf.errors.OpError) as error:
+    # The project's own errors, and what the system says of a file or folder it cannot
+    # read or write (e.g. an unwritable --summary_dir); others, bugs included, trace back.
+    except (UsageError, NonFiniteLossError, WorkerLostError, *FILE_ERRORS) as error:
         print(f"experiment.py: error: {error_line(error)}", file=sys.stderr)
         sys.exit(1)
 

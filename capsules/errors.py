@@ -1,9 +1,13 @@
 """The project's user-facing errors: the command-line drivers print these in one line.
 
-Anything else (a bug, an error of TensorFlow) keeps its traceback.
+So do what the operating system or TensorFlow's file system say of a file or folder that
+cannot be read or written (`FILE_ERRORS`). Anything else (a bug, an error of a computation)
+keeps its traceback.
 """
 
 import re
+
+import tensorflow as tf
 
 
 class UsageError(ValueError):
@@ -12,6 +16,11 @@ class UsageError(ValueError):
 
 class MissingFileError(UsageError, FileNotFoundError):
     """A file the user named (or must make first) does not exist."""
+
+
+# An unwritable --summary_dir, a checkpoint file that cannot be read: not bugs of the program.
+FILE_ERRORS = (OSError, tf.errors.PermissionDeniedError, tf.errors.NotFoundError,
+               tf.errors.DataLossError, tf.errors.AlreadyExistsError)
 
 
 class DataReadError(RuntimeError):

@@ -19,7 +19,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from capsules import checkpoints
-from capsules.errors import UsageError, error_line
+from capsules.errors import FILE_ERRORS, UsageError, error_line
 
 
 def export_weights(checkpoint: str, output_dir: str, model: str | None = None,
@@ -49,7 +49,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
         print(export_weights(flags.FLAGS.checkpoint, flags.FLAGS.output_dir))
-    except (UsageError, OSError, tf.errors.OpError) as error:  # OSError: unwritable output
+    except (UsageError, *FILE_ERRORS) as error:
         print(f"export: error: {error_line(error)}", file=sys.stderr)
         sys.exit(1)
 

@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 import input_data
 from capsules import checkpoints
 from capsules import features as keys
-from capsules.errors import MissingFileError, UsageError
+from capsules.errors import FILE_ERRORS, MissingFileError, UsageError
 from capsules.models import CapsNet, unflatten_depth_major
 
 DPI = 100
@@ -435,7 +435,7 @@ def main(argv: list[str]) -> None:
         paths = write_pictures(
             f.output_dir, f.checkpoint, f.data_dir, f.summary_dir, f.dataset, f.num_targets,
             f.distort, f.hparams_override, f.num_images, f.num_perturbed, f.image_index)
-    except (UsageError, OSError, tf.errors.OpError) as error:  # OSError: unwritable output
+    except (UsageError, *FILE_ERRORS) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         print(f"visualize: error: {message}", file=sys.stderr)
         sys.exit(1)

@@ -588,3 +588,37 @@ def test_command_line_trains_and_evaluates(data, tmp_path):
                             f"--checkpoint={checkpoint}", "--eval_size=5", check=True)
     assert report(result.stdout)["wrong"] == wrong_count(
         str(checkpoint), data["test_images"][:5], data["test_labels"][:5])
+
+
+@pytest.mark.parametrize("bug", [
+    tf.errors.InvalidArgumentError(None, None, "Incompatible shapes: [4,10] vs. [4,5]"),
+    KeyError("images"),
+])
+def test_main_keeps_the_traceback_of_what_is_no_user_error(monkeypatch, bug):
+    # Only the project's errors and file-system errors become one line; a bug propagates.
+    def broken_run(config):
+        raise bug
+
+    monkeypatch.setattr(experiment, "run", broken_run)
+    values = flags.FlagValues()
+    experiment.define_flags(values)
+    values(["experiment.py", "--data_dir=unused"])
+    monkeypatch.setattr(experiment, "FLAGS", values)
+    with pytest.raises(type(bug)):
+        experiment.main(["experiment.py"])
+
+
+def test_main_prints_an_unwritable_folder_in_one_line(monkeypatch, capsys):
+    def unwritable(config):
+        raise tf.errors.PermissionDeniedError(None, None, "runs/x/train; Permission denied")
+
+    monkeypatch.setattr(experiment, "run", unwritable)
+    values = flags.FlagValues()
+    experiment.define_flags(values)
+    values(["experiment.py", "--data_dir=unused"])
+    monkeypatch.setattr(experiment, "FLAGS", values)
+    with pytest.raises(SystemExit) as stop:
+        experiment.main(["experiment.py"])
+    assert stop.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "experiment.py: error: runs/x/train; Permission denied"]
