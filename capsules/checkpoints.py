@@ -125,7 +125,7 @@ def load_model(checkpoint_path: str, hparams_override: str | None = None, *,
       hparams_override: "key=value,..." applied to the hyper-parameters.
       model: a name in `capsules.models.MODELS` ('capsule', 'baseline', ...).
       dataset_info: the images' shape and targets: anything with height, width, depth,
-        num_classes and num_targets, e.g. `input_data.dataset_info("mnist")`.
+        num_classes and num_targets, e.g. `capsules.datasets.dataset_info("mnist")`.
 
     Raises:
       MissingFileError: no checkpoint at `checkpoint_path`.

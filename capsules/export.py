@@ -2,6 +2,8 @@
 
   python -m capsules.export --checkpoint=runs/mnist/train/model.ckpt-3500 \
       --output_dir=checkpoints/mnist
+  python -m capsules.export --checkpoint=REFERENCE_DIR/model.ckpt-N --output_dir=OUT \
+      --model=capsule --dataset=mnist   # a reference TF1 checkpoint (no run file)
 
 The copy is a tf.train.Checkpoint of the model alone, model.ckpt-STEP with a `checkpoint`
 state file (so `tf.train.latest_checkpoint(output_dir)` finds it), and the run file beside
@@ -18,8 +20,9 @@ from typing import Any
 import tensorflow as tf
 from absl import app, flags
 
-from capsules import checkpoints
+from capsules import checkpoints, datasets
 from capsules.errors import FILE_ERRORS, UsageError, error_line
+from capsules.models import MODELS
 
 
 def export_weights(checkpoint: str, output_dir: str, model: str | None = None,
@@ -47,8 +50,11 @@ def export_weights(checkpoint: str, output_dir: str, model: str | None = None,
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    values = flags.FLAGS
     try:
-        print(export_weights(flags.FLAGS.checkpoint, flags.FLAGS.output_dir))
+        info = (datasets.dataset_info(values.dataset, values.num_targets, values.distort)
+                if values.dataset else None)
+        print(export_weights(values.checkpoint, values.output_dir, values.model, info))
     except (UsageError, *FILE_ERRORS) as error:
         print(f"export: error: {error_line(error)}", file=sys.stderr)
         sys.exit(1)
@@ -57,4 +63,13 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     flags.DEFINE_string("checkpoint", None, "The training checkpoint to export.", required=True)
     flags.DEFINE_string("output_dir", None, "Where to write the weights.", required=True)
+    # What the run file says; needed only for a checkpoint without one (the reference's).
+    flags.DEFINE_enum("model", None, list(MODELS),
+                      "The model, for a checkpoint without a run file.")
+    flags.DEFINE_enum("dataset", None, list(datasets.DATASETS),
+                      "The data set the model is for, for a checkpoint without a run file "
+                      "(with --num_targets and --distort as in experiment.py).")
+    flags.DEFINE_integer("num_targets", 1, "1, or 2 for MultiMNIST.", lower_bound=1,
+                         upper_bound=2)
+    flags.DEFINE_bool("distort", False, "MNIST: the 24x24 crops of experiment.py --distort.")
     app.run(main)

@@ -7,11 +7,11 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
+from capsules.datasets import SPLITS, check_name, dataset_info
 from capsules.errors import DataReadError, UsageError, error_line
 from input_data import builder, tfds_source
 from input_data import records as records_lib
 from input_data.cifar10 import cifar10_input
-from input_data.info import SPLITS, check_name, dataset_info
 from input_data.mnist import mnist_input_record, multimnist, record_names
 from input_data.norb import norb_input_record
 

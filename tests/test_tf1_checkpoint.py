@@ -4,6 +4,8 @@ reference's equations; the ensemble through experiment.run; load_model; the erro
 
 import contextlib
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -151,6 +153,24 @@ def test_load_model_of_a_tf1_checkpoint_takes_the_model_and_the_data(mnist_trial
     images = np.random.default_rng(14).random((2, *MNIST_SHAPE), dtype=np.float32)
     expected = lengths(ref.capsnet_forward(weights, images, 32, "VALID", leaky=False))
     assert relative_difference(model(images), expected) < RTOL
+
+
+@pytest.mark.slow
+def test_export_command_line_takes_the_model_and_dataset_of_a_tf1_checkpoint(mnist_trials,
+                                                                              tmp_path):
+    prefix, weights = mnist_trials[0]
+    command = [sys.executable, "-m", "capsules.export", f"--checkpoint={prefix}",
+               f"--output_dir={tmp_path}"]
+    root = Path(__file__).resolve().parents[1]
+    missing = subprocess.run(command, capture_output=True, text=True, cwd=root)
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines()[-1].startswith("export: error: ")
+    subprocess.run([*command, "--model=capsule", "--dataset=mnist"], check=True, cwd=root,
+                   capture_output=True)
+    exported = checkpoints.load_model(tf.train.latest_checkpoint(str(tmp_path)))
+    images = np.random.default_rng(15).random((2, *MNIST_SHAPE), dtype=np.float32)
+    expected = lengths(ref.capsnet_forward(weights, images, 32, "VALID", leaky=False))
+    assert relative_difference(exported(images), expected) < RTOL
 
 
 @pytest.mark.slow

@@ -1,4 +1,8 @@
-"""Static facts about each data set as the readers deliver it."""
+"""Static facts about each data set as the readers deliver it: what a model of it is built for.
+
+Here, not in input_data, so that rebuilding a model (export, load_model) needs no input
+pipeline; input_data re-exports them.
+"""
 
 from __future__ import annotations
 
