@@ -20,6 +20,7 @@ def _images(n: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("bad", [3, 12, -1])
+@pytest.mark.slow
 def test_fit_refuses_class_ids_out_of_range(bad):
     model = _model()
     before = [weight.numpy() for weight in model.trainable_weights]
@@ -39,6 +40,7 @@ def test_reconstruct_refuses_class_ids_out_of_range(labels):
         model.reconstruct(_images(1), labels)
 
 
+@pytest.mark.slow
 def test_reconstruct_checks_ids_in_a_graph_too():
     model = _model()
     reconstruct = tf.function(model.reconstruct)

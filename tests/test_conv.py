@@ -77,6 +77,7 @@ def test_patch_conv2d_with_unknown_batch_in_tf_function_and_xla():
         np.testing.assert_allclose(compiled(x).numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_patch_conv2d_unknown_spatial_size_is_conv2d():
     kernel = tf.constant(_random((3, 3, 2, 5), 5))
     spec = tf.TensorSpec([None, None, None, 2], tf.float32)

@@ -191,6 +191,7 @@ def _images(batch) -> np.ndarray:
     return batch["images"].numpy()
 
 
+@pytest.mark.slow
 def test_sharding_by_data_splits_each_batch_of_one_process(data):
     """One file, two workers: the workers' batches of a step make one process's batch."""
     def batches(batch_size, shard=None, count=5):
@@ -206,6 +207,7 @@ def test_sharding_by_data_splits_each_batch_of_one_process(data):
     assert not np.array_equal(worker0[0], worker1[0])
 
 
+@pytest.mark.slow
 def test_sharding_by_file_gives_each_worker_its_own_files(data):
     """Two MultiMNIST shards, two workers: each reads one file; together they read all."""
     def epoch(shard=None):
@@ -221,6 +223,7 @@ def test_sharding_by_file_gives_each_worker_its_own_files(data):
         input_data.inputs("mnist", "train", data["dir"], 4, shard=(2, 2))
 
 
+@pytest.mark.slow
 def test_local_workers_prefix_output_fail_and_stop_the_others(tmp_path):
     """Worker 1 fails at once; worker 0 would run for ever and is killed after the grace."""
     script = tmp_path / "worker.py"
@@ -248,6 +251,7 @@ def test_local_workers_prefix_output_fail_and_stop_the_others(tmp_path):
     assert lines[-1].startswith("[local_workers] killed the workers still running")
 
 
+@pytest.mark.slow
 def test_local_workers_are_for_training_only():
     result = experiment("--local_workers=2", "--train=false")
     assert result.returncode == 1

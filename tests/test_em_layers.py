@@ -20,6 +20,7 @@ def _capsules(batch, size, types, seed=0):
     return poses, activations.astype(np.float32)
 
 
+@pytest.mark.slow
 def test_primary_matrix_capsule_checks(tmp_path):
     run_layer_test(em_layers.PrimaryMatrixCapsule, {"num_capsules": 3},
                    _random((2, 5, 5, 4)), ((2, 5, 5, 3, 4, 4), (2, 5, 5, 3)), tmp_path)

@@ -129,6 +129,7 @@ def test_conv_gradient_equals_autodiff_of_the_plain_loop(num_routing, strides):
 
 
 @pytest.mark.parametrize("num_routing", [1, 2, 3, 4, 5])
+@pytest.mark.slow
 def test_finite_for_zero_inputs_and_single_child_parents(num_routing):
     # All-zero votes and activations: empty parents.
     zeros = _gradients(lambda v, a, bv, ba: ops.conv_em_routing(v, a, bv, ba, 3, 2, num_routing),

@@ -321,6 +321,7 @@ def test_kill_9_then_the_same_command_resumes_at_the_last_saved_step(data, tmp_p
     assert sorted(tags["loss"]) == [last + 1, last + 2]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_last_good_checkpoint_kept(data, tmp_path):
     train_dir = tmp_path / "train"
     with pytest.raises(NonFiniteLossError) as error:
@@ -343,6 +344,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_kept(data, tmp_path):
 
 # ---- evaluation ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_evaluation_of_a_checkpoint_prints_the_reference_line(data, first_run):
     checkpoint = first_run["checkpoints"][-1]
     result, stdout = run(f"--data_dir={data['dir']}", "--train=false",
@@ -415,6 +417,7 @@ def test_multimnist_made_on_the_fly_from_the_idx_files(tmp_path):
     assert figures["total"] == 12 and "almost" in figures, stdout
 
 
+@pytest.mark.slow
 def test_evaluation_watches_summary_dir_and_writes_test_summaries(data, first_run,
                                                                   resumed_run):
     summary_dir = first_run["train_dir"].parent

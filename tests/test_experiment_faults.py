@@ -198,6 +198,7 @@ def test_a_second_training_on_a_directory_stops_and_a_killed_ones_lock_does_not_
     assert saved_steps(summary_dir / "train") == [2] and not lock.exists()
 
 
+@pytest.mark.slow
 def test_garbled_state_file_resumes_from_the_newest_checkpoint(data, tmp_path, capfd):
     args = _train_args(data["dir"], tmp_path, "--save_step=2")
     run(*args, "--max_steps=4")
@@ -212,6 +213,7 @@ def test_garbled_state_file_resumes_from_the_newest_checkpoint(data, tmp_path, c
     assert sorted(tags["loss"]) == [5, 6]  # resumed at 4, not started over
 
 
+@pytest.mark.slow
 def test_resume_with_other_hparams_stops_unless_allowed(data, tmp_path):
     run(*_train_args(data["dir"], tmp_path, "--max_steps=1"))
     changed = _train_args(data["dir"], tmp_path, "--max_steps=2",

@@ -36,6 +36,7 @@ def _images(n=3, seed=0):
 
 
 @pytest.mark.parametrize("routing,leaky", _ROUTING_CASES)
+@pytest.mark.slow
 def test_reference_formulation_gives_the_package_logits(routing, leaky):
     package, reference = _twin_models(routing, leaky)
     images = _images()

@@ -199,6 +199,7 @@ def test_repeat_gives_full_training_batches_and_eval_never_drops(unshifted):
     np.testing.assert_array_equal(test["recons_label"], np.arange(10))  # never shifted
 
 
+@pytest.mark.slow
 def test_distort_crops_and_rotates(unshifted):
     data_dir, images = unshifted
     test = collect(input_data.inputs("mnist", "test", str(data_dir), 10, distort=True))

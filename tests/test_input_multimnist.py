@@ -52,6 +52,7 @@ def check_pairs(batch: dict, sources: np.ndarray, labels: np.ndarray) -> list[tu
     return pairs
 
 
+@pytest.mark.slow
 def test_train_pairs_follow_the_reference_rules_each_digit_first_once_per_pass(mnist):
     one_pass = collect(input_data.inputs("multimnist", "train", mnist["dir"], 16, seed=3))
     assert one_pass["batch_sizes"] == [16, 16, 8]
@@ -64,6 +65,7 @@ def test_train_pairs_follow_the_reference_rules_each_digit_first_once_per_pass(m
     assert (first + second > 255).any()  # the clamp is exercised
 
 
+@pytest.mark.slow
 def test_train_stream_repeats_for_a_seed_and_changes_between_steps(mnist):
     def first_batches(seed, count=3):
         ds = input_data.inputs("multimnist", "train", mnist["dir"], 8, repeat=True, seed=seed)
@@ -147,6 +149,7 @@ def test_shapes_and_options(mnist):
         assert ds.options().autotune.enabled is False  # README 'Speed': no teardown stall
 
 
+@pytest.mark.slow
 def test_validate_holds_out_the_first_10000_training_digits(tmp_path):
     labels = np.arange(10004, dtype=np.uint8) % 10
     held_out = digits(4, seed=9)

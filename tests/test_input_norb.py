@@ -49,6 +49,7 @@ def test_official_test_records():
 
 
 @needs_official
+@pytest.mark.slow
 def test_official_train_records():
     norb = OFFICIAL / "norb"
     _, labels = raw_records(norb / "trainduo.tfrecords")
@@ -107,6 +108,7 @@ def write_test_records(directory: Path, images: np.ndarray, labels: np.ndarray) 
                 features=tf.train.Features(feature=feature)).SerializeToString())
 
 
+@pytest.mark.slow
 def test_patching_gives_the_official_13_standardized_crops(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, 96, 96, 2), dtype=np.uint8)

@@ -25,6 +25,7 @@ def test_capsule_layer_checks(tmp_path):
                    _random((2, 6, 5)), (2, 3, 4), tmp_path)
 
 
+@pytest.mark.slow
 def test_conv_capsule_layer_checks(tmp_path):
     run_layer_test(layers.ConvCapsule,
                    {"num_capsules": 3, "atoms": 4, "kernel_size": 3, "strides": 2,

@@ -194,6 +194,7 @@ def test_labels_of_the_wrong_shape_raise(labels):
         model.fit(dataset, verbose=0)
 
 
+@pytest.mark.slow
 def test_keras_save_and_load_give_identical_logits(tmp_path):
     model = _small(leaky=True)
     model.compile()
@@ -303,6 +304,7 @@ def _fitted(model, steps=1):
     lambda: ConvBaseline(default_hparams().replace(padding="SAME"), input_shape=(12, 12, 1),
                          num_classes=3),
 ])
+@pytest.mark.slow
 def test_load_model_returns_it_compiled_and_fit_continues(make, tmp_path):
     model, dataset = _fitted(make())
     path = str(tmp_path / "model.keras")
@@ -362,6 +364,7 @@ def test_sample_weight_weights_the_per_example_losses():
         unweighted, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_fit_with_zero_sample_weights_does_not_train():
     images, labels = _images(4, seed=10), np.arange(4)
     for weights, trains in ((np.zeros(4, np.float32), False), (np.ones(4, np.float32), True)):
@@ -406,6 +409,7 @@ def test_model_dtype_goes_to_every_sublayer(make, full_precision, dtype, variabl
     assert clone.dtype_policy.name == dtype
 
 
+@pytest.mark.slow
 def test_training_step_graph_routes_in_while_loops():
     model = _small()
     model.compile(optimizer=keras.optimizers.SGD(0.1))

@@ -89,6 +89,7 @@ def good(tmp_path) -> dict:
     ((5, 3), ("dat", "cat", "info")),
     ((300, 7), ("dat",)),  # more pairs than one read chunk (256)
 ])
+@pytest.mark.slow
 def test_nyu_files_round_trip_through_convert_and_the_reader(tmp_path, sizes, gzipped):
     arrays = {split: split_arrays(n, seed)
               for seed, (split, n) in enumerate(zip(SPLITS, sizes, strict=True))}

@@ -69,6 +69,7 @@ def test_update_routing_in_the_reference_layouts_matches_numpy(votes_shape, num_
 
 
 @pytest.mark.parametrize("votes_shape", [_FULLY_CONNECTED[0], _CONVOLUTIONAL[0]])
+@pytest.mark.slow
 def test_update_routing_takes_a_num_routing_tensor(votes_shape):
     votes, biases = _random(votes_shape, 12), _random(votes_shape[2:4], 13) * 0.1
     routing = tf.function(lambda v, n: ops.update_routing(v, biases, n, leaky=True))

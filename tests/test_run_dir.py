@@ -346,6 +346,7 @@ def test_training_in_a_locked_directory_stops(tmp_path):
     assert _steps(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_training_resumed_with_other_hparams_stops_unless_allowed(tmp_path):
     _train(_model(), tmp_path, 1)
     with pytest.raises(RunDirectoryError, match="learning_rate: 0.001 -> 0.002"):
@@ -360,6 +361,7 @@ def test_training_resumed_with_other_hparams_stops_unless_allowed(tmp_path):
     assert changes == [{"step": 1, "changes": {"learning_rate": [0.001, 0.002]}}]
 
 
+@pytest.mark.slow
 def test_training_gets_the_dataset_of_its_restored_step(tmp_path):
     asked = []
 
@@ -372,6 +374,7 @@ def test_training_gets_the_dataset_of_its_restored_step(tmp_path):
     assert asked == [0, 2]
 
 
+@pytest.mark.slow
 def test_a_seeded_stream_resumed_at_a_step_continues_instead_of_replaying(tmp_path):
     pixels = np.random.default_rng(0).integers(0, 256, (12, 28, 28), dtype=np.uint8)
     mnist_shift.write_single(pixels, np.arange(12) % 10,

@@ -45,6 +45,7 @@ def test_run_file_rebuilds_the_trained_model(shipped):
     assert isinstance(model, CapsNet) and model.hparams == run.hparams
 
 
+@pytest.mark.slow
 def test_load_model_gives_the_logits_of_experiments_evaluation(shipped, tmp_path):
     prefix, model = shipped
     rng = np.random.default_rng(0)

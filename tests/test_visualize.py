@@ -144,6 +144,7 @@ def test_read_scalars_reads_tensor_summaries(workspace):
     np.testing.assert_allclose(values, [1 - 0.5 * s / 120 for s in (40, 80, 120)], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_model_without_decoder_gets_capsule_lengths_only(workspace):
     checkpoint = save_tiny_capsnet(str(workspace["root"] / "no_decoder"), 28, remake=False)
     paths = visualize.write_pictures(str(workspace["root"] / "no_decoder_out"), checkpoint,
@@ -180,6 +181,7 @@ def test_command_line_prints_a_one_line_error(tmp_path):
         f"visualize: error: checkpoint {missing} not found (no file {missing}.index)"]
 
 
+@pytest.mark.slow
 def test_damaged_inputs_raise_one_line_naming_the_file(workspace, tmp_path):
     out = str(tmp_path / "out")
     data_dir = tmp_path / "data"
