@@ -69,7 +69,7 @@ if __name__ == "__main__":
     flags.DEFINE_enum("dataset", None, list(datasets.DATASETS),
                       "The data set the model is for, for a checkpoint without a run file "
                       "(with --num_targets and --distort as in experiment.py).")
-    flags.DEFINE_integer("num_targets", 1, "1, or 2 for MultiMNIST.", lower_bound=1,
-                         upper_bound=2)
+    flags.DEFINE_integer("num_targets", None, "1, or 2 for MultiMNIST (default: the data "
+                         "set's, 2 for multimnist).", lower_bound=1, upper_bound=2)
     flags.DEFINE_bool("distort", False, "MNIST: the 24x24 crops of experiment.py --distort.")
     app.run(main)

@@ -2,6 +2,8 @@
 
   python -m capsules.visualize --checkpoint=runs/mnist/train/model.ckpt-N \
       --data_dir=data/mnist --output_dir=pictures [--summary_dir=runs/mnist]
+  python -m capsules.visualize --checkpoint=CKPT --dataset=multimnist \
+      --data_dir=data/mnist --output_dir=pictures    # pairs made from the MNIST IDX files
   python -m capsules.visualize --checkpoint=CKPT --num_targets=2 \
       --data_dir=data/mnist/multitest_4shifted_mnist.tfrecords@N --output_dir=pictures
 
@@ -31,7 +33,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 import input_data
-from capsules import checkpoints
+from capsules import checkpoints, datasets
 from capsules import features as keys
 from capsules.errors import FILE_ERRORS, MissingFileError, UsageError
 from capsules.models import CapsNet, unflatten_depth_major
@@ -61,7 +63,7 @@ _FIRST, _SECOND = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])  # multim
 
 # -- model and data ----------------------------------------------------------------------
 
-def load_capsnet(checkpoint: str, dataset: str = "mnist", num_targets: int = 1,
+def load_capsnet(checkpoint: str, dataset: str = "mnist", num_targets: int | None = None,
                  distort: bool = False, hparams_override: str | None = None) -> CapsNet:
     """The CapsNet of `checkpoint` (`capsules.checkpoints.load_model`), its weights restored.
 
@@ -82,9 +84,12 @@ def load_capsnet(checkpoint: str, dataset: str = "mnist", num_targets: int = 1,
 
 
 def read_test_examples(data_dir: str, count: int, start: int = 0, dataset: str = "mnist",
-                       num_targets: int = 1, distort: bool = False) -> dict[str, np.ndarray]:
+                       num_targets: int | None = None,
+                       distort: bool = False) -> dict[str, np.ndarray]:
     """Test examples start..start+count-1 (in file order) as numpy feature dicts of
-    `input_data.inputs` (images, labels, recons_*, for two targets spare_*)."""
+    `input_data.inputs` (images, labels, recons_*, for two targets spare_*); num_targets
+    None: the dataset's."""
+    num_targets = datasets.dataset_info(dataset, num_targets, distort).num_targets
     data = input_data.inputs(dataset, "test", data_dir, min(count, 100), num_targets=num_targets,
                              distort=distort)
     try:
@@ -359,15 +364,17 @@ def plot_curves(summary_dir: str, path: str) -> str:
 
 def write_pictures(output_dir: str, checkpoint: str | None = None, data_dir: str | None = None,
                    summary_dir: str | None = None, dataset: str = "mnist",
-                   num_targets: int = 1, distort: bool = False,
+                   num_targets: int | None = None, distort: bool = False,
                    hparams_override: str | None = None, num_images: int = 10,
                    num_perturbed: int = 3, image_index: int = 0) -> list[str]:
     """Writes the pictures of the module docstring into `output_dir`; returns their paths.
 
     The model pictures need `checkpoint` and `data_dir` (test images, the first
     max(num_images, num_perturbed) of them and number `image_index`); curves.png needs
-    `summary_dir`. Raises MissingFileError for a missing checkpoint, data or summaries and
-    UsageError for bad arguments, with one-line messages.
+    `summary_dir`. num_targets None: the dataset's (2 for multimnist, whose test pairs are
+    made from the MNIST IDX files in `data_dir`, else 1). Raises MissingFileError for a
+    missing checkpoint, data or summaries and UsageError for bad arguments, with one-line
+    messages.
     """
     if not checkpoint and not summary_dir:
         raise UsageError("nothing to draw: give --checkpoint and --data_dir, or --summary_dir")
@@ -382,6 +389,7 @@ def write_pictures(output_dir: str, checkpoint: str | None = None, data_dir: str
     if not checkpoint:
         return paths
     checkpoint = checkpoints.resolve_checkpoint(checkpoint)
+    num_targets = datasets.dataset_info(dataset, num_targets, distort).num_targets
     data = {"dataset": dataset, "num_targets": num_targets, "distort": distort}
     examples = read_test_examples(data_dir, max(num_images, num_perturbed), **data)
     one = read_test_examples(data_dir, 1, start=image_index, **data)
@@ -408,13 +416,15 @@ def write_pictures(output_dir: str, checkpoint: str | None = None, data_dir: str
 def define_flags() -> None:
     """The flags of `python -m capsules.visualize`."""
     flags.DEFINE_string("checkpoint", None, "The CapsNet checkpoint (prefix model.ckpt-N).")
-    flags.DEFINE_string("data_dir", None, "The data directory (MultiMNIST: PREFIX@N).")
+    flags.DEFINE_string("data_dir", None, "The data directory (MultiMNIST records: PREFIX@N).")
     flags.DEFINE_string("output_dir", None, "Where the PNG files go.")
     flags.DEFINE_string("summary_dir", None,
                         "An experiment directory: curves.png from its train/ and test/ events.")
-    flags.DEFINE_enum("dataset", "mnist", ["mnist", "norb", "cifar10"], "The dataset to use.")
-    flags.DEFINE_integer("num_targets", 1, "Number of targets (2: MultiMNIST).",
-                         lower_bound=1, upper_bound=2)
+    flags.DEFINE_enum("dataset", "mnist", list(datasets.DATASETS),
+                      "The dataset to use (multimnist: test pairs made from the MNIST IDX "
+                      "files of --data_dir).")
+    flags.DEFINE_integer("num_targets", None, "Number of targets (2: MultiMNIST; default: "
+                         "the dataset's).", lower_bound=1, upper_bound=2)
     flags.DEFINE_bool("distort", False, "MNIST: the model reads 24x24 central crops.")
     flags.DEFINE_string("hparams_override", None,
                         "key=value,key=value applied to the checkpoint's hparams.")

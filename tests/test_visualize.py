@@ -16,6 +16,7 @@ from capsules.hparams import default_hparams
 from capsules.models import CapsNet
 from input_data.mnist import mnist_shift
 from input_data.mnist.record_names import record_name
+from tests.test_input_mnist import write_idx
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABELS = np.array([7, 2, 1, 0, 4, 1], np.uint8)
@@ -68,8 +69,12 @@ def workspace(tmp_path_factory):
                              str(data_dir / record_name("test", 0)), 0, 0)
     prefix = str(data_dir / record_name("test", 4, multi_targets=True))
     names = mnist_shift.write_multi(tiny_digits(), LABELS, prefix, 4, 4, 1, 0, 0)
+    idx_dir = root / "idx"
+    idx_dir.mkdir()
+    write_idx(idx_dir, (tiny_digits(), LABELS), (tiny_digits(), LABELS))
     write_events(str(root / "summaries"))
     return {
+        "idx_dir": str(idx_dir),
         "root": root,
         "data_dir": str(data_dir),
         "multi_dir": f"{prefix}@{len(names)}",
@@ -101,11 +106,13 @@ def test_single_digit_pictures_are_written_with_their_sizes(single_pictures):
 
 
 @pytest.mark.slow
-def test_multimnist_pictures_are_written_with_their_sizes(workspace):
-    out = workspace["root"] / "multi_out"
+@pytest.mark.parametrize("source", ["records", "pairs made from IDX files"])
+def test_multimnist_pictures_are_written_with_their_sizes(workspace, source):
+    out = workspace["root"] / f"multi_out_{source[0]}"
+    data = ({"data_dir": workspace["multi_dir"], "num_targets": 2} if source == "records"
+            else {"data_dir": workspace["idx_dir"], "dataset": "multimnist"})
     paths = visualize.write_pictures(
-        str(out), workspace["multi_checkpoint"], workspace["multi_dir"], num_targets=2,
-        num_images=3, num_perturbed=1)
+        str(out), workspace["multi_checkpoint"], num_images=3, num_perturbed=1, **data)
     assert sorted(os.path.basename(p) for p in paths) == sorted(
         [visualize.CAPSULE_LENGTHS, visualize.MULTIMNIST, visualize.PERTURBATIONS])
     assert pixel_size(out / visualize.MULTIMNIST) == (100 + 100 * 3, 240)
