@@ -7,14 +7,16 @@ official code (google-research/google-research, capsule_em/em_layers.py):
     r_ij = R_ij a_i,  m_j = sum_i r_ij,
     mu_jh = sum_i r_ij V_ijh / m_j,
     sigma2_jh = sum_i r_ij (V_ijh - mu_jh)^2 / m_j + 0.0005,
-    cost_j = m_j sum_h (c_v beta_v_j + ln sigma_jh),
+    cost_j = s m_j sum_h (c_v beta_v_j + ln sigma_jh),
     a_j = sigmoid(lambda_t (c_a beta_a_j - cost_j));
   E-step, in log space:
     R_ij = softmax over the parents j of the child i of
            ln a_j + ln N(V_ij; mu_j, sigma2_j) (a Gaussian with diagonal covariance).
 
 R starts uniform over each child's parents; lambda_t = final_lambda (1 - 0.95^(t+1))
-for t = 0..num_routing-1; the output is the last M-step's mu and a. Where the
+for t = 0..num_routing-1; the output is the last M-step's mu and a. s is 1 in
+fully connected routing and output_dim in convolutional routing (`conv_em_routing`:
+the cost in the official code's units of mass). Where the
 official code departs from the paper (a damped mean, per-type normalisation in the
 convolutional layers, ln sigma^2 in the cost) this module follows the paper; README.md
 "EM routing" lists each departure and why.
@@ -58,6 +60,13 @@ _MASS_EPSILON = 1e-7
 # (a mass of tens times 16 components) without saturating the activations.
 BETA_V_SCALE = (1.0 + _LN_2PI) / 2.0
 BETA_A_SCALE = 2500.0
+# The official convolutional layers normalise each child's routes per output type (they
+# sum to 1 over the covering positions of each type), ours over all parents (the paper),
+# so the official masses are output_dim times ours from the uniform start on. Their cost
+# counts mass in those units, which keeps its scale against c_a beta_a and lambda the
+# official one (the same as lambda x output_dim with beta_a / output_dim): with the
+# paper's masses the cost is about 1/32 of c_a beta_a at the official initial values, and
+# every convolutional activation starts at sigmoid(lambda c_a beta_a) whatever the votes.
 
 
 def inverse_temperatures(num_routing: int, final_lambda: float) -> list[float]:
@@ -140,7 +149,8 @@ def conv_em_routing(
     output type at each output position (oy, ox) with (oy s + ky, ox s + kx) =
     (row, col). Its assignment probabilities sum to 1 over all those parents (all
     output types at all covering positions), for any stride; border children have
-    fewer parents and start with larger uniform shares.
+    fewer parents and start with larger uniform shares. The cost counts each parent's
+    mass times output_dim (s in the module docstring), in the official code's units.
 
     Args:
       votes: `[batch, out_height, out_width, output_dim, kernel_size^2 * input_dim, 16]`,
@@ -179,6 +189,7 @@ def conv_em_routing(
         _as_vector(beta_a, votes),
         inverse_temperatures(num_routing, final_lambda),
         grid.normalise,
+        mass_scale=float(output_dim),  # the official units of mass (see BETA_A_SCALE)
     )
     return (
         tf.reshape(poses, [-1, out_height, out_width, output_dim, POSE_SIZE]),
@@ -263,10 +274,11 @@ def _softmax_over_parents(logits: tf.Tensor) -> tf.Tensor:
     return exp / tf.reduce_sum(exp, axis=-2, keepdims=True)
 
 
-def _m_step(stats, weights, beta_v, beta_a, inverse_temperature):
+def _m_step(stats, weights, beta_v, beta_a, inverse_temperature, mass_scale):
     """Parents' (mu, sigma2, activation logit) from the routed sums.
 
-    stats `[..., C, 32]`: sum_i r_ij V_ij and sum_i r_ij V_ij^2; weights r `[..., C, N]`.
+    stats `[..., C, 32]`: sum_i r_ij V_ij and sum_i r_ij V_ij^2; weights r `[..., C, N]`;
+    mass_scale: s of the module docstring.
     """
     mass = tf.reduce_sum(weights, axis=-1) + _MASS_EPSILON
     mean = stats[..., :POSE_SIZE] / mass[..., None]
@@ -274,7 +286,7 @@ def _m_step(stats, weights, beta_v, beta_a, inverse_temperature):
     variance = (
         tf.nn.relu(stats[..., POSE_SIZE:] / mass[..., None] - tf.square(mean)) + VARIANCE_FLOOR
     )
-    cost = mass * tf.reduce_sum(
+    cost = mass_scale * mass * tf.reduce_sum(
         BETA_V_SCALE * beta_v[:, None] + 0.5 * tf.math.log(variance), axis=-1
     )
     return mean, variance, inverse_temperature * (BETA_A_SCALE * beta_a - cost)
@@ -293,9 +305,11 @@ def _e_step_terms(mean, variance, logit):
     return weights, bias
 
 
-def _iteration_outputs(stats, weights, beta_v, beta_a, inverse_temperature, last):
+def _iteration_outputs(stats, weights, beta_v, beta_a, inverse_temperature, mass_scale, last):
     """What an iteration hands on: (mu, a) after the last M-step, else the E-step's (w, bias)."""
-    mean, variance, logit = _m_step(stats, weights, beta_v, beta_a, inverse_temperature)
+    mean, variance, logit = _m_step(
+        stats, weights, beta_v, beta_a, inverse_temperature, mass_scale
+    )
     if last:
         return mean, tf.sigmoid(logit)
     return _e_step_terms(mean, variance, logit)
@@ -312,10 +326,12 @@ def _route(
     beta_a: tf.Tensor,
     inverse_temperatures: list[float],
     normalise: Callable[[tf.Tensor], tf.Tensor],
+    mass_scale: float = 1.0,
 ):
     """The EM iterations on votes `[*groups, C, N, 16]`, children's a `[*groups, 1, N]`.
 
-    normalise: routing logits `[*groups, C, N]` -> assignment probabilities R.
+    normalise: routing logits `[*groups, C, N]` -> assignment probabilities R;
+    mass_scale: s of the module docstring.
     Returns mu `[*groups, C, 16]` and a `[*groups, C]`.
 
     Gradient: no stop_gradient anywhere (as the official code), written out: the
@@ -339,7 +355,8 @@ def _route(
             weights = routes[-1] * child_activations
             stats.append(tf.squeeze(tf.matmul(weights[..., None, :], squares), axis=-2))
             outputs = _iteration_outputs(
-                stats[-1], weights, beta_v, beta_a, inverse_temperature, t == num_routing - 1
+                stats[-1], weights, beta_v, beta_a, inverse_temperature, mass_scale,
+                t == num_routing - 1,
             )
             if t == num_routing - 1:
                 break
@@ -364,7 +381,8 @@ def _route(
                 with tf.GradientTape() as tape:
                     tape.watch([stats[t], weights, beta_v, beta_a])
                     results = _iteration_outputs(
-                        stats[t], weights, beta_v, beta_a, inverse_temperatures[t], last
+                        stats[t], weights, beta_v, beta_a, inverse_temperatures[t], mass_scale,
+                        last,
                     )
                 if not last:
                     e_weights = results[0]

@@ -18,8 +18,12 @@ from capsules.em_routing import (
 )
 
 
-def em_routing(votes, activations, beta_v, beta_a, num_routing, final_lambda, mask=None):
-    """Returns (mu `[batch, parents, 16]`, a `[batch, parents]`, R of the last E-step)."""
+def em_routing(votes, activations, beta_v, beta_a, num_routing, final_lambda, mask=None,
+               mass_scale=1.0):
+    """Returns (mu `[batch, parents, 16]`, a `[batch, parents]`, R of the last E-step).
+
+    mass_scale: each parent's mass counts this many times in its cost (a convolution's
+    output types: capsules/em_routing.py's s)."""
     votes = np.asarray(votes, np.float64)
     activations = np.asarray(activations, np.float64)
     _, children, parents, _ = votes.shape
@@ -34,7 +38,7 @@ def em_routing(votes, activations, beta_v, beta_a, num_routing, final_lambda, ma
         variance = (
             np.einsum("bij,bijh->bjh", weights, deviation**2) / mass[:, :, None] + VARIANCE_FLOOR
         )
-        cost = mass * np.sum(BETA_V_SCALE * beta_v[None, :, None] + np.log(np.sqrt(variance)),
+        cost = mass_scale * mass * np.sum(BETA_V_SCALE * beta_v[None, :, None] + np.log(np.sqrt(variance)),
                              axis=-1)
         active = 1.0 / (1.0 + np.exp(-inverse_temperature * (BETA_A_SCALE * beta_a - cost)))
         if t == num_routing - 1:

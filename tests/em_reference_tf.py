@@ -19,10 +19,11 @@ from capsules.em_routing import ChildGrid
 
 
 def _plain_route(votes, child_activations, beta_v, beta_a, num_routing, final_lambda,
-                 normalise):
+                 normalise, mass_scale=1.0):
     """EM iterations on votes `[*groups, children, parents, 16]`, a `[*groups, children, 1]`.
 
-    normalise: logits `[*groups, children, parents]` -> assignment probabilities.
+    normalise: logits `[*groups, children, parents]` -> assignment probabilities;
+    mass_scale: capsules/em_routing.py's s (output types of a convolution, else 1).
     """
     routes = normalise(tf.zeros_like(votes[..., 0]))
     for t, inverse_temperature in enumerate(
@@ -36,7 +37,7 @@ def _plain_route(votes, child_activations, beta_v, beta_a, num_routing, final_la
             tf.reduce_sum(weights * tf.square(deviation), axis=-3) / mass
             + em_routing.VARIANCE_FLOOR
         )
-        cost = mass[..., 0] * tf.reduce_sum(
+        cost = mass_scale * mass[..., 0] * tf.reduce_sum(
             em_routing.BETA_V_SCALE * beta_v[:, None] + 0.5 * tf.math.log(variance), axis=-1
         )
         logit = inverse_temperature * (em_routing.BETA_A_SCALE * beta_a - cost)
@@ -81,7 +82,8 @@ def plain_conv_em_routing(votes, activations, beta_v, beta_a, kernel_size, strid
 
     child_activations = tf.transpose(grid.child_activations(activations), [0, 1, 3, 2])
     poses, parent_activations = _plain_route(
-        flat, child_activations, beta_v, beta_a, num_routing, final_lambda, normalise
+        flat, child_activations, beta_v, beta_a, num_routing, final_lambda, normalise,
+        mass_scale=output_dim,
     )
     return (tf.reshape(poses, [batch, out_height, out_width, output_dim, 16]),
             tf.reshape(parent_activations, [batch, out_height, out_width, output_dim]))

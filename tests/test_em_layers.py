@@ -99,7 +99,7 @@ def test_conv_layer_matches_numpy(num_routing):
     dense, mask = ref.conv_as_dense(votes, 5, 5, 3, 2)
     expected_poses, expected_activations, _ = ref.em_routing(
         dense, activations.reshape(2, -1), np.tile(layer.beta_v.numpy(), 4),
-        np.tile(layer.beta_a.numpy(), 4), num_routing, 0.05, mask,
+        np.tile(layer.beta_a.numpy(), 4), num_routing, 0.05, mask, mass_scale=3,
     )
     np.testing.assert_allclose(out_poses.numpy().reshape(2, -1, 16), expected_poses,
                                rtol=1e-4, atol=1e-5)
@@ -156,3 +156,16 @@ def test_bad_input_shapes_are_one_line_errors():
         em_layers.ConvMatrixCapsule(2)([tf.zeros([1, 2, 2, 2, 4, 4]), tf.zeros([1, 2, 2, 2])])
     with pytest.raises(ValueError, match="expects input"):
         em_layers.PrimaryMatrixCapsule(2)(tf.zeros([1, 5, 5]))
+
+
+def test_conv_activations_follow_the_votes_at_the_official_initial_values():
+    # The cost counts mass in the official units (output types x the paper's), so at the
+    # official initial values the activations spread with the votes' agreement, as the
+    # official ones do, instead of all sitting at sigmoid(lambda c_a beta_a) ~ 0.03.
+    layer = em_layers.ConvMatrixCapsule(32, kernel_size=3, strides=2)
+    rng = np.random.default_rng(0)
+    poses = rng.normal(0.0, 0.3, (2, 7, 7, 32, 4, 4)).astype(np.float32)
+    activations = rng.uniform(0.0, 1.0, (2, 7, 7, 32)).astype(np.float32)
+    _, out_activations = layer([poses, activations])
+    assert np.std(out_activations) > 0.1
+    assert 0.1 < np.mean(out_activations) < 0.9

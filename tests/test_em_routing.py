@@ -59,7 +59,7 @@ def test_conv_em_routing_matches_numpy(num_routing, size, kernel_size, strides):
     positions = votes.shape[1] * votes.shape[2]
     expected_poses, expected_activations, _ = ref.em_routing(
         dense, activations.reshape(2, -1), np.tile(beta_v, positions),
-        np.tile(beta_a, positions), num_routing, 0.05, mask,
+        np.tile(beta_a, positions), num_routing, 0.05, mask, mass_scale=votes.shape[3],
     )
     np.testing.assert_allclose(poses.numpy().reshape(2, -1, 16), expected_poses, rtol=1e-4,
                                atol=1e-5)
