@@ -38,8 +38,9 @@ def em_routing(votes, activations, beta_v, beta_a, num_routing, final_lambda, ma
         variance = (
             np.einsum("bij,bijh->bjh", weights, deviation**2) / mass[:, :, None] + VARIANCE_FLOOR
         )
-        cost = mass_scale * mass * np.sum(BETA_V_SCALE * beta_v[None, :, None] + np.log(np.sqrt(variance)),
-                             axis=-1)
+        cost = mass_scale * mass * np.sum(
+            BETA_V_SCALE * beta_v[None, :, None] + np.log(np.sqrt(variance)), axis=-1
+        )
         active = 1.0 / (1.0 + np.exp(-inverse_temperature * (BETA_A_SCALE * beta_a - cost)))
         if t == num_routing - 1:
             return mean, active, routes
