@@ -93,6 +93,7 @@ def spread_loss(labels: tf.Tensor, activations: tf.Tensor, margin,
     sample_weight: optional `[batch]` weights of the per-image losses (see `_batch_mean`).
     """
     labels = tf.cast(labels, activations.dtype)
+    margin = tf.cast(margin, activations.dtype)
     # gaps[b, t, i] = margin - (a_t - a_i), counted where t is labelled and i is not.
     gaps = margin - (activations[:, :, None] - activations[:, None, :])
     pairs = labels[:, :, None] * (1.0 - labels[:, None, :])

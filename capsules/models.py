@@ -591,22 +591,23 @@ class EMCapsNet(_ReferenceModel):
         self.conv1 = keras.layers.Conv2D(
             hp.conv1_channels, 5, strides=2, padding="valid", activation="relu",
             kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.05),
-            bias_initializer=keras.initializers.Constant(0.1), name="conv1",
+            bias_initializer=keras.initializers.Constant(0.1), dtype=self.dtype_policy,
+            name="conv1",
         )
         self.primary_capsules = em_layers.PrimaryMatrixCapsule(
-            hp.primary_capsules, name="primary_capsules"
+            hp.primary_capsules, dtype=self.dtype_policy, name="primary_capsules"
         )
         self.conv_capsules1 = em_layers.ConvMatrixCapsule(
             hp.conv_capsules1, kernel_size=3, strides=2, num_routing=hp.routing,
-            final_lambda=hp.final_lambda, name="conv_capsules1",
+            final_lambda=hp.final_lambda, dtype=self.dtype_policy, name="conv_capsules1",
         )
         self.conv_capsules2 = em_layers.ConvMatrixCapsule(
             hp.conv_capsules2, kernel_size=3, strides=1, num_routing=hp.routing,
-            final_lambda=hp.final_lambda, name="conv_capsules2",
+            final_lambda=hp.final_lambda, dtype=self.dtype_policy, name="conv_capsules2",
         )
         self.class_capsules = em_layers.ClassMatrixCapsule(
             num_classes, num_routing=hp.routing, coordinate_addition=hp.coordinate_addition,
-            final_lambda=hp.class_final_lambda, name="class_capsules",
+            final_lambda=hp.class_final_lambda, dtype=self.dtype_policy, name="class_capsules",
         )
         self.build((None, *input_shape))
 

@@ -8,7 +8,8 @@ import pytest
 import tensorflow as tf
 
 from capsules import CapsNet, ConvBaseline, default_hparams, losses, parse_overrides
-from capsules.models import flatten_depth_major
+from capsules.em_hparams import EMHParams
+from capsules.models import EMCapsNet, flatten_depth_major
 from capsules.optimizers import ReferenceDecay
 from tests import reference_numpy as ref
 
@@ -19,6 +20,9 @@ def _small(**overrides):
     """A CapsNet on 12x12x1 (SAME padding, 4 capsule types) that trains in a blink."""
     hparams = default_hparams().replace(padding="SAME", num_prime_capsules=4, **overrides)
     return CapsNet(hparams, input_shape=(12, 12, 1), num_classes=5)
+
+
+_TINY_EM = "conv1_channels=4,primary_capsules=3,conv_capsules1=3,conv_capsules2=3,routing=2"
 
 
 def _images(n, shape=(12, 12, 1), seed=0):
@@ -392,6 +396,10 @@ def test_sample_weight_of_the_wrong_shape_raises():
     (lambda dtype: ConvBaseline(default_hparams().replace(padding="SAME"),
                                 input_shape=(12, 12, 1), num_classes=5, dtype=dtype),
      {"softmax_layer"}),
+    # EM routing runs in the variable dtype inside the capsule layers (test_em_layers.py).
+    (lambda dtype: EMCapsNet(parse_overrides(EMHParams(), _TINY_EM), input_shape=(20, 20, 1),
+                             num_classes=5, dtype=dtype),
+     set()),
 ])
 @pytest.mark.parametrize("dtype,variables", [("mixed_bfloat16", "float32"),
                                              ("float64", "float64")])
@@ -403,7 +411,7 @@ def test_model_dtype_goes_to_every_sublayer(make, full_precision, dtype, variabl
         want = variables if layer.name in full_precision else dtype
         assert layer.dtype_policy.name == want, layer.name
     assert all(weight.dtype == variables for weight in model.weights)
-    results = model.compute_losses((_images(2), np.arange(2)))
+    results = model.compute_losses((_images(2, model.image_shape), np.arange(2)))
     assert results["logits"].dtype == variables and np.isfinite(results["loss"].numpy())
     clone = type(model).from_config(model.get_config())
     assert clone.dtype_policy.name == dtype
