@@ -24,8 +24,10 @@ convolutional layers, ln sigma^2 in the cost) this module follows the paper; REA
 Layout. Votes are routed as `[*groups, parents, children, 16]`: for every group
 (batch; batch and output position for a convolution) the M-step's sums over the
 children are one matrix product [1, children] x [children, 32] of the routes with
-the votes and their squares, and the E-step's squared distances one product
-[children, 32] x [32, 1] of the same tensor with (-2 mu / sigma2, 1 / sigma2). The
+the votes and their squares (votes taken relative to their mean over the parent's
+children, so that the sums keep float32 precision), and the E-step's squared
+distances one product [children, 32] x [32, 1] of the same tensor with
+(-2 mu / sigma2, 1 / sigma2). The
 convolutional E-step normalises each child over all parents that receive its votes
 (all output types at all covering positions, any stride) with segment sums over
 the flat child index of every (output position, kernel offset): tensors of 1/16 of
@@ -274,19 +276,23 @@ def _softmax_over_parents(logits: tf.Tensor) -> tf.Tensor:
     return exp / tf.reduce_sum(exp, axis=-2, keepdims=True)
 
 
-def _m_step(stats, weights, beta_v, beta_a, inverse_temperature, mass_scale):
-    """Parents' (mu, sigma2, activation logit) from the routed sums.
+def _m_step(stats, weights, beta_v, beta_a, inverse_temperature, mass_scale, center):
+    """Parents' (mu, sigma2, activation logit) from the routed sums of votes taken
+    relative to `center`.
 
-    stats `[..., C, 32]`: sum_i r_ij V_ij and sum_i r_ij V_ij^2; weights r `[..., C, N]`;
-    mass_scale: s of the module docstring.
+    stats `[..., C, 32]`: sum_i r_ij V'_ij and sum_i r_ij V'_ij^2 for V' = V - center;
+    weights r `[..., C, N]`; mass_scale: s of the module docstring; center `[..., C, 16]`.
+    Returns mu relative to center: the official sum_i r_ij V_ij / (m_j + epsilon), minus
+    center, and the two-pass variance sum_i r_ij (V_ij - mu_j)^2 / (m_j + epsilon).
     """
-    mass = tf.reduce_sum(weights, axis=-1) + _MASS_EPSILON
-    mean = stats[..., :POSE_SIZE] / mass[..., None]
-    # E[V^2] - mu^2 can round below zero for near-identical votes; the floor follows.
-    variance = (
-        tf.nn.relu(stats[..., POSE_SIZE:] / mass[..., None] - tf.square(mean)) + VARIANCE_FLOOR
-    )
-    cost = mass_scale * mass * tf.reduce_sum(
+    total = tf.reduce_sum(weights, axis=-1)[..., None]
+    mass = total + _MASS_EPSILON
+    sums, squares = stats[..., :POSE_SIZE], stats[..., POSE_SIZE:]
+    mean = (sums - _MASS_EPSILON * center) / mass
+    # sum_i r (V' - mu)^2 expanded; it can round below zero for near-identical votes.
+    deviations = tf.nn.relu(squares - 2.0 * mean * sums + tf.square(mean) * total)
+    variance = deviations / mass + VARIANCE_FLOOR
+    cost = mass_scale * mass[..., 0] * tf.reduce_sum(
         BETA_V_SCALE * beta_v[:, None] + 0.5 * tf.math.log(variance), axis=-1
     )
     return mean, variance, inverse_temperature * (BETA_A_SCALE * beta_a - cost)
@@ -305,10 +311,12 @@ def _e_step_terms(mean, variance, logit):
     return weights, bias
 
 
-def _iteration_outputs(stats, weights, beta_v, beta_a, inverse_temperature, mass_scale, last):
-    """What an iteration hands on: (mu, a) after the last M-step, else the E-step's (w, bias)."""
+def _iteration_outputs(stats, weights, beta_v, beta_a, inverse_temperature, mass_scale, center,
+                       last):
+    """What an iteration hands on: (mu, a) after the last M-step, else the E-step's (w, bias),
+    mu relative to center."""
     mean, variance, logit = _m_step(
-        stats, weights, beta_v, beta_a, inverse_temperature, mass_scale
+        stats, weights, beta_v, beta_a, inverse_temperature, mass_scale, center
     )
     if last:
         return mean, tf.sigmoid(logit)
@@ -345,6 +353,12 @@ def _route(
     round-off (tests/test_em_routing.py).
     """
     num_routing = len(inverse_temperatures)
+    # The votes are routed relative to their plain mean over each parent's children: the
+    # sums of V and V^2 lose float32 precision where a parent's votes sit close together
+    # far from 0, and every M-step and E-step quantity is exact in any such frame (_m_step
+    # carries the epsilon of the mass over). A constant: no gradient flows through it.
+    center = tf.stop_gradient(tf.reduce_mean(votes, axis=-2))  # [*groups, C, 16]
+    votes = votes - center[..., None, :]
 
     @tf.custom_gradient
     def iterate(votes, child_activations, beta_v, beta_a):
@@ -355,7 +369,7 @@ def _route(
             weights = routes[-1] * child_activations
             stats.append(tf.squeeze(tf.matmul(weights[..., None, :], squares), axis=-2))
             outputs = _iteration_outputs(
-                stats[-1], weights, beta_v, beta_a, inverse_temperature, mass_scale,
+                stats[-1], weights, beta_v, beta_a, inverse_temperature, mass_scale, center,
                 t == num_routing - 1,
             )
             if t == num_routing - 1:
@@ -382,7 +396,7 @@ def _route(
                     tape.watch([stats[t], weights, beta_v, beta_a])
                     results = _iteration_outputs(
                         stats[t], weights, beta_v, beta_a, inverse_temperatures[t], mass_scale,
-                        last,
+                        center, last,
                     )
                 if not last:
                     e_weights = results[0]
@@ -419,5 +433,5 @@ def _route(
 
         return outputs, grad
 
-    return iterate(votes, child_activations, beta_v, beta_a)
-
+    poses, activations = iterate(votes, child_activations, beta_v, beta_a)
+    return poses + center, activations

@@ -7,20 +7,22 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from capsules import losses, parse_overrides
 from capsules.em_hparams import EMHParams
 from capsules.models import MODELS, EMCapsNet
+from tests.em_reference_tf import plain_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 NORB = ROOT.parent / "shared" / "testdata" / "official" / "norb"
 TINY = "conv1_channels=4,primary_capsules=3,conv_capsules1=3,conv_capsules2=3,routing=2"
 
 
-def _tiny(**changes):
+def _tiny(dtype=None, **changes):
     """A 20x20x1 EMCapsNet (8x8 -> 3x3 -> 1x1 capsule grids) of 3-type layers."""
     return EMCapsNet(parse_overrides(EMHParams(), TINY).replace(**changes),
-                     input_shape=(20, 20, 1), num_classes=4)
+                     input_shape=(20, 20, 1), num_classes=4, dtype=dtype)
 
 
 def _batch(n=8, seed=0):
@@ -138,3 +140,39 @@ def test_experiment_trains_and_tests_em_on_norb(tmp_path):
     # The saved hparams.json restores the tiny model without the override.
     out = run("--train=false", f"--checkpoint={checkpoint}", "--eval_size=6")
     assert "Total wrong predictions:" in out and "of 6 correct" in out
+
+
+def _gradients(model, forward, images, labels):
+    with tf.GradientTape() as tape:
+        loss = losses.spread_loss(np.eye(4)[labels], forward(images), 0.2)
+    return [g.numpy() for g in tape.gradient(loss, model.trainable_variables)]
+
+
+def test_gradients_are_autodiff_of_the_plain_formulation_in_float64():
+    # The whole model: votes, routing (its gradient written out, votes routed relative to
+    # their mean) and the mass's epsilon, against tests/em_reference_tf.py.
+    keras.utils.set_random_seed(3)
+    model = _tiny(dtype="float64")
+    images, labels = _batch(8, seed=3)
+    got = _gradients(model, model, images.astype(np.float64), labels)
+    want = _gradients(model, lambda x: plain_logits(model, x), images.astype(np.float64), labels)
+    for variable, g, w in zip(model.trainable_variables, got, want, strict=True):
+        assert np.abs(w).max() > 0, variable.path
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-7 * np.abs(w).max(), err_msg=variable.path)
+
+
+def test_float32_gradients_keep_their_precision():
+    # At the official initial values on noise images the early layers' gradients are
+    # ~1e-10 against 2e-2 for the class beta_a; routed sums of raw [V, V^2] then lost the
+    # betas' gradients entirely in float32 (errors several times their size).
+    keras.utils.set_random_seed(3)
+    model, model64 = _tiny(), _tiny(dtype="float64")
+    for weight, weight64 in zip(model.weights, model64.weights, strict=True):
+        weight64.assign(weight.numpy().astype(np.float64))
+    images = np.random.default_rng(3).random((8, 20, 20, 1))
+    labels = np.random.default_rng(4).integers(0, 4, 8)
+    got = _gradients(model, model, images.astype(np.float32), labels)
+    want = _gradients(model64, model64, images, labels)
+    for variable, g, w in zip(model.trainable_variables, got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=0, atol=0.1 * np.abs(w).max(),
+                                   err_msg=variable.path)
