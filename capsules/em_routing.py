@@ -360,18 +360,21 @@ def _route(
     center = tf.stop_gradient(tf.reduce_mean(votes, axis=-2))  # [*groups, C, 16]
     votes = votes - center[..., None, :]
 
+    def iteration_outputs(t, stats, weights, beta_v, beta_a):
+        return _iteration_outputs(
+            stats, weights, beta_v, beta_a, inverse_temperatures[t], mass_scale, center,
+            t == num_routing - 1,
+        )
+
     @tf.custom_gradient
     def iterate(votes, child_activations, beta_v, beta_a):
         squares = _with_squares(votes)
         initial = normalise(tf.zeros_like(votes[..., 0]))  # uniform over each child's parents
         routes, logits, stats = [initial], [None], []
-        for t, inverse_temperature in enumerate(inverse_temperatures):
+        for t in range(num_routing):
             weights = routes[-1] * child_activations
             stats.append(tf.squeeze(tf.matmul(weights[..., None, :], squares), axis=-2))
-            outputs = _iteration_outputs(
-                stats[-1], weights, beta_v, beta_a, inverse_temperature, mass_scale, center,
-                t == num_routing - 1,
-            )
+            outputs = iteration_outputs(t, stats[-1], weights, beta_v, beta_a)
             if t == num_routing - 1:
                 break
             e_weights, bias = outputs
@@ -394,10 +397,7 @@ def _route(
                 weights = routes[t] * child_activations
                 with tf.GradientTape() as tape:
                     tape.watch([stats[t], weights, beta_v, beta_a])
-                    results = _iteration_outputs(
-                        stats[t], weights, beta_v, beta_a, inverse_temperatures[t], mass_scale,
-                        center, last,
-                    )
+                    results = iteration_outputs(t, stats[t], weights, beta_v, beta_a)
                 if not last:
                     e_weights = results[0]
                     # logits[t+1] = bias - distances / 2, distances = [V, V^2] . w

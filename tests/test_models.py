@@ -12,6 +12,7 @@ from capsules.em_hparams import EMHParams
 from capsules.models import EMCapsNet, flatten_depth_major
 from capsules.optimizers import ReferenceDecay
 from tests import reference_numpy as ref
+from tests.test_em_capsnet import TINY as TINY_EM
 
 CIFAR10 = "num_prime_capsules=64,padding=SAME,leaky=true,remake=false"
 
@@ -20,9 +21,6 @@ def _small(**overrides):
     """A CapsNet on 12x12x1 (SAME padding, 4 capsule types) that trains in a blink."""
     hparams = default_hparams().replace(padding="SAME", num_prime_capsules=4, **overrides)
     return CapsNet(hparams, input_shape=(12, 12, 1), num_classes=5)
-
-
-_TINY_EM = "conv1_channels=4,primary_capsules=3,conv_capsules1=3,conv_capsules2=3,routing=2"
 
 
 def _images(n, shape=(12, 12, 1), seed=0):
@@ -397,7 +395,7 @@ def test_sample_weight_of_the_wrong_shape_raises():
                                 input_shape=(12, 12, 1), num_classes=5, dtype=dtype),
      {"softmax_layer"}),
     # EM routing runs in the variable dtype inside the capsule layers (test_em_layers.py).
-    (lambda dtype: EMCapsNet(parse_overrides(EMHParams(), _TINY_EM), input_shape=(20, 20, 1),
+    (lambda dtype: EMCapsNet(parse_overrides(EMHParams(), TINY_EM), input_shape=(20, 20, 1),
                              num_classes=5, dtype=dtype),
      set()),
 ])
