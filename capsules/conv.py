@@ -5,10 +5,14 @@ strides, "VALID" or "SAME"): every output position's receptive field is
 gathered into a row of a patch matrix, which is multiplied by the kernel, a
 few pieces of the batch at a time. Its gradient keeps the patches: the
 kernel's gradient is patches^T x d_output, one more matrix product, instead of
-a backward-filter convolution; the input's gradient is conv2d's own.
+a backward-filter convolution; the input's gradient is one matrix product per
+kernel tap, d_output x W[ky, kx]^T, summed into the input positions the tap reads
+(`_input_gradient`).
 
 Why: on CPU the matrix products run at the machine's matmul speed, faster than
-oneDNN's backward-filter convolution (timings: benchmarks/README.md,
+oneDNN's backward-filter convolution and than TensorFlow's backward-input
+convolution, which forms every patch's gradient in one product whose output is
+the size of the patches before summing them (timings: benchmarks/README.md,
 `python benchmarks/capsule_ops.py`). The cost is memory while training: the
 patches, kernel_size^2 / strides^2 times the input (7.3x for the primary
 capsules), live from the forward to the backward pass.
@@ -118,13 +122,53 @@ def patch_conv2d(inputs: tf.Tensor, kernel: tf.Tensor, strides: int, padding: st
                 tf.matmul(piece, d_piece, transpose_a=True)
                 for piece, d_piece in zip(patches, d_flat, strict=True)
             ])
-            d_x = tf.raw_ops.Conv2DBackpropInput(
-                input_sizes=tf.shape(x), filter=w, out_backprop=d_outputs,
-                strides=[1, strides, strides, 1], padding="VALID",
-            )
+            d_x = _input_gradient(d_outputs, w, strides, height, width)
             return d_x, tf.reshape(d_kernel, tf.shape(w))
 
         return outputs, grad
 
     # A variable read inside a custom gradient would need its own gradient path: read it here.
     return conv(inputs, tf.convert_to_tensor(kernel))
+
+
+def _input_gradient(d_outputs: tf.Tensor, kernel: tf.Tensor, strides: int, height: int,
+                    width: int) -> tf.Tensor:
+    """Gradient `[batch, height, width, in_channels]` of a "VALID" convolution's input.
+
+    Input position (oy s + ky, ox s + kx) receives d_outputs[oy, ox] x W[ky, kx]^T from
+    tap (ky, kx). The taps of one phase (ky mod s, kx mod s) all land on the same
+    sub-grid of every s-th row and column, each shifted by (ky // s, kx // s): they are
+    summed there (in float32), and the s x s sub-grids interleaved.
+    """
+    kernel_size, _, in_channels, out_channels = kernel.shape
+    batch = tf.shape(d_outputs)[0]
+    _, out_height, out_width, _ = d_outputs.shape
+    grid_height, grid_width = -(-height // strides), -(-width // strides)
+    flat = tf.reshape(d_outputs, [-1, out_channels])
+
+    def tap(ky, kx):
+        product = tf.matmul(flat, kernel[ky, kx], transpose_b=True)
+        return tf.cast(tf.reshape(product, [batch, out_height, out_width, in_channels]),
+                       tf.float32)
+
+    def shifted(value, axis, shift, size, length):
+        paddings = [[0, 0]] * 4
+        paddings[axis] = [shift, size - length - shift]
+        return tf.pad(value, paddings)
+
+    def phase(phase_y, phase_x):
+        rows = []
+        for ky in range(phase_y, kernel_size, strides):
+            # The taps of one kernel row are summed at the output's height first.
+            taps = [shifted(tap(ky, kx), 2, kx // strides, grid_width, out_width)
+                    for kx in range(phase_x, kernel_size, strides)]
+            if taps:
+                rows.append(shifted(tf.add_n(taps), 1, ky // strides, grid_height, out_height))
+        return tf.add_n(rows) if rows else tf.zeros([batch, grid_height, grid_width, in_channels])
+
+    phases = [tf.stack([phase(phase_y, phase_x) for phase_x in range(strides)], axis=3)
+              for phase_y in range(strides)]
+    interleaved = tf.reshape(
+        tf.stack(phases, axis=2), [batch, grid_height * strides, grid_width * strides, in_channels]
+    )
+    return tf.cast(interleaved[:, :height, :width], d_outputs.dtype)

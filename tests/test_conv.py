@@ -41,6 +41,10 @@ _CASES = [
     (3, 7, 10, 3, 5, 3, 1, "SAME"),
     (4, 9, 9, 2, 3, 3, 2, "same"),
     (2, 6, 6, 3, 4, 1, 1, "VALID"),
+    # Strides above the kernel leave input rows and columns that no tap reads.
+    (3, 9, 7, 4, 5, 1, 2, "VALID"),
+    (2, 11, 8, 3, 2, 2, 3, "VALID"),
+    (2, 11, 9, 5, 3, 4, 2, "VALID"),
 ]
 
 
@@ -90,10 +94,19 @@ def test_patch_conv2d_unknown_spatial_size_is_conv2d():
 def test_patch_conv2d_bfloat16():
     x = _random((3, 10, 10, 8), 7)
     kernel = _random((3, 3, 8, 4), 8)
-    got = conv.patch_conv2d(tf.cast(x, tf.bfloat16), tf.cast(kernel, tf.bfloat16), 1, "VALID")
-    assert got.dtype == tf.bfloat16
-    expected = tf.nn.conv2d(x, kernel, 1, "VALID").numpy()
-    np.testing.assert_allclose(tf.cast(got, tf.float32).numpy(), expected, rtol=0.05, atol=0.2)
+    upstream = _random((3, 4, 4, 4), 9)
+    results = []
+    for dtype, fn in ((tf.bfloat16, conv.patch_conv2d), (tf.float32, tf.nn.conv2d)):
+        inputs = tf.cast(x, dtype)
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            y = fn(inputs, tf.cast(kernel, dtype), 2, "VALID")
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) * upstream)
+        results.append([y, tape.gradient(loss, inputs)])
+    assert [t.dtype for t in results[0]] == [tf.bfloat16, tf.bfloat16]
+    for got, expected in zip(*results, strict=True):
+        np.testing.assert_allclose(tf.cast(got, tf.float32).numpy(), expected.numpy(),
+                                   rtol=0.05, atol=0.2)
 
 
 @pytest.mark.parametrize("kernel_shape,padding,message", [
