@@ -72,7 +72,7 @@ def patch_conv2d(inputs: tf.Tensor, kernel: tf.Tensor, strides: int, padding: st
     inputs `[batch, height, width, in_channels]`, kernel `[k, k, in_channels,
     out_channels]`, returns `[batch, out_height, out_width, out_channels]`
     (with height or width unknown, this is `tf.nn.conv2d`). Gradients: the kernel's is
-    patches^T x d_output; the input's is `Conv2DBackpropInput`, as for conv2d.
+    patches^T x d_output; the input's is `_input_gradient`, one product per kernel tap.
     """
     kernel_size, kernel_width, in_channels, out_channels = kernel.shape
     _, height, width, channels = inputs.shape
