@@ -244,7 +244,8 @@ class ConvCapsule(_RoutedCapsule):
         _, height, width, input_dim, input_atoms = inputs.shape
         batch = tf.shape(inputs)[0]
         if input_dim == 1:
-            per_capsule = inputs[:, :, :, 0]
+            # A squeeze, not a slice: its gradient is a reshape rather than a copy.
+            per_capsule = tf.squeeze(inputs, axis=3)
         else:
             per_capsule = tf.reshape(
                 tf.transpose(inputs, [0, 3, 1, 2, 4]), [-1, height, width, input_atoms]
@@ -337,7 +338,7 @@ class PrimaryCapsule(ConvCapsule):
         self.input_spec = keras.InputSpec(ndim=4, axes={3: input_shape[3]})
 
     def call(self, inputs):
-        capsules = super().call(inputs[:, :, :, None])
+        capsules = super().call(tf.expand_dims(inputs, axis=3))
         if not self.flatten:
             return capsules
         _, height, width, num_capsules, atoms = capsules.shape
