@@ -138,18 +138,20 @@ def _input_gradient(d_outputs: tf.Tensor, kernel: tf.Tensor, strides: int, heigh
     Input position (oy s + ky, ox s + kx) receives d_outputs[oy, ox] x W[ky, kx]^T from
     tap (ky, kx). The taps of one phase (ky mod s, kx mod s) all land on the same
     sub-grid of every s-th row and column, each shifted by (ky // s, kx // s): they are
-    summed there (in float32), and the s x s sub-grids interleaved.
+    summed there (in float32 at least), and the s x s sub-grids interleaved.
     """
     kernel_size, _, in_channels, out_channels = kernel.shape
     batch = tf.shape(d_outputs)[0]
     _, out_height, out_width, _ = d_outputs.shape
     grid_height, grid_width = -(-height // strides), -(-width // strides)
     flat = tf.reshape(d_outputs, [-1, out_channels])
+    # bfloat16 or float16 products are summed in float32, as a convolution accumulates.
+    sum_dtype = tf.float32 if d_outputs.dtype.size < 4 else d_outputs.dtype
 
     def tap(ky, kx):
         product = tf.matmul(flat, kernel[ky, kx], transpose_b=True)
         return tf.cast(tf.reshape(product, [batch, out_height, out_width, in_channels]),
-                       tf.float32)
+                       sum_dtype)
 
     def shifted(value, axis, shift, size, length):
         paddings = [[0, 0]] * 4
@@ -164,7 +166,9 @@ def _input_gradient(d_outputs: tf.Tensor, kernel: tf.Tensor, strides: int, heigh
                     for kx in range(phase_x, kernel_size, strides)]
             if taps:
                 rows.append(shifted(tf.add_n(taps), 1, ky // strides, grid_height, out_height))
-        return tf.add_n(rows) if rows else tf.zeros([batch, grid_height, grid_width, in_channels])
+        if not rows:
+            return tf.zeros([batch, grid_height, grid_width, in_channels], sum_dtype)
+        return tf.add_n(rows)
 
     phases = [tf.stack([phase(phase_y, phase_x) for phase_x in range(strides)], axis=3)
               for phase_y in range(strides)]

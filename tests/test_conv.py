@@ -91,6 +91,21 @@ def test_patch_conv2d_unknown_spatial_size_is_conv2d():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_patch_conv2d_float64_gradients_keep_float64_precision():
+    x = tf.constant(_random((2, 11, 9, 3), 10), tf.float64)
+    kernel = tf.constant(_random((3, 3, 3, 4), 11), tf.float64)
+    upstream = tf.constant(_random((2, 5, 4, 4), 12), tf.float64)
+    gradients = []
+    for fn in (conv.patch_conv2d, tf.nn.conv2d):
+        with tf.GradientTape() as tape:
+            tape.watch([x, kernel])
+            loss = tf.reduce_sum(fn(x, kernel, 2, "VALID") * upstream)
+        gradients.append(tape.gradient(loss, [x, kernel]))
+    for ours, plain in zip(*gradients, strict=True):
+        assert ours.dtype == tf.float64
+        np.testing.assert_allclose(ours.numpy(), plain.numpy(), rtol=1e-12, atol=1e-12)
+
+
 def test_patch_conv2d_bfloat16():
     x = _random((3, 10, 10, 8), 7)
     kernel = _random((3, 3, 8, 4), 8)
