@@ -36,19 +36,19 @@ flags.DEFINE_float("max_gap_secs", 60.0, "Longer intervals between training step
 flags.DEFINE_float("step_secs", None, "Also give the minutes at this many seconds per step.")
 
 
-def read_scalars(directory: str, tag: str) -> list[tuple[float, int, float]]:
-    """(wall_time, step, value) of every `tag` summary in the event files of `directory`,
-    in the order they were written."""
+def read_scalars(directory: str, *tags: str) -> dict[str, list[tuple[float, int, float]]]:
+    """(wall_time, step, value) of every summary of each of `tags` in the event files of
+    `directory`, in the order they were written (one pass over the files)."""
     import tensorflow as tf
 
-    found = []
+    found = {tag: [] for tag in tags}
     for path in glob.glob(os.path.join(directory, "events.out.tfevents.*")):
         for event in tf.compat.v1.train.summary_iterator(path):
             for value in event.summary.value:
-                if value.tag == tag:
-                    found.append((event.wall_time, event.step,
-                                  float(tf.make_ndarray(value.tensor))))
-    return sorted(found)
+                if value.tag in found:
+                    found[value.tag].append((event.wall_time, event.step,
+                                             float(tf.make_ndarray(value.tensor))))
+    return {tag: sorted(values) for tag, values in found.items()}
 
 
 def training_seconds(step_times: list[tuple[float, int]], max_gap: float) -> dict[int, float]:
@@ -75,11 +75,12 @@ def main(argv: list[str]) -> None:
     del argv
     f = flags.FLAGS
     train_dir, test_dir = (os.path.join(f.summary_dir, name) for name in ("train", "test"))
-    losses = read_scalars(train_dir, "loss")
+    losses = read_scalars(train_dir, "loss")["loss"]
     if not losses:
         raise SystemExit(f"--summary_dir: no training-step summaries ('loss') in {train_dir}")
-    correct = {step: value for _, step, value in read_scalars(test_dir, "correct_prediction")}
-    wrong = {step: value for _, step, value in read_scalars(test_dir, "wrong_prediction")}
+    test = read_scalars(test_dir, "correct_prediction", "wrong_prediction")
+    correct, wrong = ({step: value for _, step, value in test[tag]}
+                      for tag in ("correct_prediction", "wrong_prediction"))
     if not correct:
         raise SystemExit(f"--summary_dir: no test summaries in {test_dir}: test the "
                          "checkpoints first (see this script's docstring)")
