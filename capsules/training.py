@@ -145,10 +145,13 @@ def _train(model, dataset, train_dir, own_dir, max_steps, save_step, batch_size,
         }
 
     writer = tf.summary.create_file_writer(train_dir) if chief else tf.summary.create_noop_writer()
-    progress = (
-        keras.utils.Progbar(max_steps, stateful_metrics=["loss", "images/s"])
-        if verbose and chief else None
-    )
+    progress = None
+    if verbose and chief:
+        # The bar counts this run's steps: its time per step and ETA then hold after a resume.
+        if step:
+            print(f"Resuming at step {step}: {max_steps - step} steps to step {max_steps}.")
+        progress = keras.utils.Progbar(max_steps - step, stateful_metrics=["loss", "images/s"])
+    first_step = step
     if not isinstance(dataset, tf.distribute.DistributedDataset):
         dataset = strategy.experimental_distribute_dataset(dataset)
     batches = iter(dataset)
@@ -198,7 +201,8 @@ def _train(model, dataset, train_dir, own_dir, max_steps, save_step, batch_size,
                 images_per_second = batch_size / max(now - last_time, 1e-9)
                 last_time = now
                 progress.update(
-                    step, [("loss", scalars["loss"]), ("images/s", images_per_second)]
+                    step - first_step,
+                    [("loss", scalars["loss"]), ("images/s", images_per_second)],
                 )
             if stop:
                 raise distribute.Preempted(

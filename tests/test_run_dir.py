@@ -375,6 +375,17 @@ def test_training_gets_the_dataset_of_its_restored_step(tmp_path):
 
 
 @pytest.mark.slow
+def test_resumed_run_progress_counts_its_own_steps(tmp_path, capsys):
+    _train(_model(), tmp_path, 2)
+    capsys.readouterr()
+    training.train(_model(), _dataset(), str(tmp_path), 5, 1, 4, verbose=True)
+    printed = capsys.readouterr().out
+    # The bar's time per step and ETA divide by the steps it counted: this run's 3.
+    assert "Resuming at step 2: 3 steps to step 5." in printed
+    assert "3/3" in printed and "/5" not in printed
+
+
+@pytest.mark.slow
 def test_a_seeded_stream_resumed_at_a_step_continues_instead_of_replaying(tmp_path):
     pixels = np.random.default_rng(0).integers(0, 256, (12, 28, 28), dtype=np.uint8)
     mnist_shift.write_single(pixels, np.arange(12) % 10,
