@@ -149,7 +149,7 @@ def _train(model, dataset, train_dir, own_dir, max_steps, save_step, batch_size,
     if verbose and chief:
         # The bar counts this run's steps: its time per step and ETA then hold after a resume.
         if step:
-            print(f"Resuming at step {step}: {max_steps - step} steps to step {max_steps}.")
+            print(f"Resuming at step {step}, training to step {max_steps}.")
         progress = keras.utils.Progbar(max_steps - step, stateful_metrics=["loss", "images/s"])
     first_step = step
     if not isinstance(dataset, tf.distribute.DistributedDataset):

@@ -381,7 +381,7 @@ def test_resumed_run_progress_counts_its_own_steps(tmp_path, capsys):
     training.train(_model(), _dataset(), str(tmp_path), 5, 1, 4, verbose=True)
     printed = capsys.readouterr().out
     # The bar's time per step and ETA divide by the steps it counted: this run's 3.
-    assert "Resuming at step 2: 3 steps to step 5." in printed
+    assert "Resuming at step 2, training to step 5." in printed
     assert "3/3" in printed and "/5" not in printed
 
 
