@@ -133,7 +133,8 @@ def _state(directory) -> list[str]:
     return [os.path.basename(path) for path in state.all_model_checkpoint_paths]
 
 
-@pytest.mark.parametrize("damage", ["garbled", "empty", "deleted", "names_missing"])
+@pytest.mark.parametrize("damage", ["garbled", "empty", "deleted", "names_missing",
+                                    "oldest_half_swept"])
 def test_resume_finds_the_newest_complete_checkpoint_whatever_the_state_file(saved, damage,
                                                                             capsys):
     directory, restore = saved
@@ -144,13 +145,18 @@ def test_resume_finds_the_newest_complete_checkpoint_whatever_the_state_file(sav
         state.write_text("")
     elif damage == "deleted":
         state.unlink()
-    else:  # the newest checkpoint's files deleted while the state file names it
+    elif damage == "names_missing":  # the newest checkpoint's files deleted, still named
         for path in directory.glob("model.ckpt-6.*"):
             path.unlink()
+    else:  # killed inside CheckpointManager.save, which lists a new checkpoint before it
+        # deletes the oldest: the state file names one whose files are partly deleted
+        (directory / "model.ckpt-2.index").unlink()
     newest = 4 if damage == "names_missing" else 6
     path, value = restore()
     assert path == str(directory / f"model.ckpt-{newest}") and value == newest
     assert _state(directory)[-1] == f"model.ckpt-{newest}"  # repaired
+    if damage == "oldest_half_swept":
+        assert _state(directory) == ["model.ckpt-4", "model.ckpt-6"]
     assert "rewritten to resume from" in capsys.readouterr().err
 
 
