@@ -133,7 +133,7 @@ def load_model(checkpoint_path: str, hparams_override: str | None = None, *,
         a checkpoint that does not fit its model, or a damaged checkpoint or run file.
 
     Example:
-      >>> model = load_model("checkpoints/mnist/model.ckpt-8000")
+      >>> model = load_model("checkpoints/mnist/model.ckpt-20000")
       >>> lengths = model(images)  # [batch, 10]
     """
     checkpoint_path = resolve_checkpoint(checkpoint_path)
