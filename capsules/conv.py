@@ -5,17 +5,21 @@ strides, "VALID" or "SAME"): every output position's receptive field is
 gathered into a row of a patch matrix, which is multiplied by the kernel, a
 few pieces of the batch at a time. Its gradient keeps the patches: the
 kernel's gradient is patches^T x d_output, one more matrix product, instead of
-a backward-filter convolution; the input's gradient is one matrix product per
-kernel tap, d_output x W[ky, kx]^T, summed into the input positions the tap reads
-(`_input_gradient`).
+a backward-filter convolution. The input's gradient, in float32 and wider, is the
+patches' gradient d_output x W^T, one product per piece, added back into the
+input positions each patch row was gathered from (`_scattered_input_gradient`);
+in bfloat16 and float16 it is one product per kernel tap, d_output x W[ky, kx]^T,
+summed in float32 where the tap reads (`_per_tap_input_gradient`), which keeps
+the sums in float32 without first widening the whole patch gradient.
 
 Why: on CPU the matrix products run at the machine's matmul speed, faster than
 oneDNN's backward-filter convolution and than TensorFlow's backward-input
-convolution, which forms every patch's gradient in one product whose output is
-the size of the patches before summing them (timings: benchmarks/README.md,
-`python benchmarks/capsule_ops.py`). The cost is memory while training: the
-patches, kernel_size^2 / strides^2 times the input (7.3x for the primary
-capsules), live from the forward to the backward pass.
+convolution, which forms the whole batch's patch gradient in one product (382 MB
+for the primary capsules at batch 128) before summing it; a piece's is a quarter
+of that, summed while still warm (timings: benchmarks/README.md, `python
+benchmarks/capsule_ops.py`). The cost is memory while training: the patches,
+kernel_size^2 / strides^2 times the input (7.3x for the primary capsules), live
+from the forward to the backward pass.
 """
 
 from __future__ import annotations
@@ -72,7 +76,9 @@ def patch_conv2d(inputs: tf.Tensor, kernel: tf.Tensor, strides: int, padding: st
     inputs `[batch, height, width, in_channels]`, kernel `[k, k, in_channels,
     out_channels]`, returns `[batch, out_height, out_width, out_channels]`
     (with height or width unknown, this is `tf.nn.conv2d`). Gradients: the kernel's is
-    patches^T x d_output; the input's is `_input_gradient`, one product per kernel tap.
+    patches^T x d_output; the input's is `_scattered_input_gradient` in float32 and wider,
+    `_per_tap_input_gradient` in 16-bit types (the faster of the two for each:
+    benchmarks/README.md).
     """
     kernel_size, kernel_width, in_channels, out_channels = kernel.shape
     _, height, width, channels = inputs.shape
@@ -122,7 +128,11 @@ def patch_conv2d(inputs: tf.Tensor, kernel: tf.Tensor, strides: int, padding: st
                 tf.matmul(piece, d_piece, transpose_a=True)
                 for piece, d_piece in zip(patches, d_flat, strict=True)
             ])
-            d_x = _input_gradient(d_outputs, w, strides, height, width)
+            if d_outputs.dtype.size < 4:
+                d_x = _per_tap_input_gradient(d_outputs, w, strides, height, width)
+            else:
+                d_x = _scattered_input_gradient(d_flat, flat_kernel, indices, sizes,
+                                                [height, width, channels])
             return d_x, tf.reshape(d_kernel, tf.shape(w))
 
         return outputs, grad
@@ -131,8 +141,28 @@ def patch_conv2d(inputs: tf.Tensor, kernel: tf.Tensor, strides: int, padding: st
     return conv(inputs, tf.convert_to_tensor(kernel))
 
 
-def _input_gradient(d_outputs: tf.Tensor, kernel: tf.Tensor, strides: int, height: int,
-                    width: int) -> tf.Tensor:
+def _scattered_input_gradient(d_pieces: list[tf.Tensor], flat_kernel: tf.Tensor,
+                              indices: tf.Tensor, sizes: tf.Tensor,
+                              image_shape: list[int]) -> tf.Tensor:
+    """Gradient `[batch, height, width, channels]` of the input of `patch_conv2d`'s gather.
+
+    Each piece's patch gradient, d_outputs `[images * positions, out]` x flat_kernel^T
+    `[out, k * k * channels]`, has one row of `channels` per (image, output position,
+    tap); the row is added into the input position it was gathered from (`indices`,
+    offset by the image), the transpose of the forward gather.
+    """
+    height, width, channels = image_shape
+    pixels = height * width
+    gradients = []
+    for size, d_piece in zip(tf.unstack(sizes, num=_PIECES), d_pieces, strict=True):
+        d_patches = tf.reshape(tf.matmul(d_piece, flat_kernel, transpose_b=True), [-1, channels])
+        targets = tf.reshape(tf.range(size)[:, None] * pixels + indices[None, :], [-1])
+        gradients.append(tf.math.unsorted_segment_sum(d_patches, targets, size * pixels))
+    return tf.reshape(tf.concat(gradients, axis=0), [-1, height, width, channels])
+
+
+def _per_tap_input_gradient(d_outputs: tf.Tensor, kernel: tf.Tensor, strides: int, height: int,
+                            width: int) -> tf.Tensor:
     """Gradient `[batch, height, width, in_channels]` of a "VALID" convolution's input.
 
     Input position (oy s + ky, ox s + kx) receives d_outputs[oy, ox] x W[ky, kx]^T from

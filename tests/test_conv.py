@@ -68,17 +68,45 @@ def test_patch_conv2d_values_and_gradients_equal_conv2d(
         np.testing.assert_allclose(ours.numpy(), plain.numpy(), rtol=1e-5, atol=1e-4)
 
 
+def _values_and_gradients(fn, x, kernel):
+    """fn(x, kernel, 2, "VALID") and the gradients of its weighted sum to x and kernel."""
+    with tf.GradientTape() as tape:
+        tape.watch([x, kernel])
+        y = fn(x, kernel, 2, "VALID")
+        loss = tf.reduce_sum(y * tf.reshape(tf.range(tf.size(y), dtype=y.dtype), tf.shape(y)))
+    return [y, *tape.gradient(loss, [x, kernel])]
+
+
 @pytest.mark.slow
 def test_patch_conv2d_with_unknown_batch_in_tf_function_and_xla():
     kernel = tf.constant(_random((5, 5, 4, 6), 4))
     spec = tf.TensorSpec([None, 12, 12, 4], tf.float32)
-    traced = tf.function(lambda x: conv.patch_conv2d(x, kernel, 2, "VALID"), input_signature=[spec])
-    compiled = tf.function(lambda x: conv.patch_conv2d(x, kernel, 2, "VALID"), jit_compile=True)
+    run = lambda x: _values_and_gradients(conv.patch_conv2d, x, kernel)  # noqa: E731
+    traced = tf.function(run, input_signature=[spec])
+    compiled = tf.function(run, jit_compile=True)
     for batch in (1, 7):
-        x = _random((batch, 12, 12, 4), batch)
-        expected = tf.nn.conv2d(x, kernel, 2, "VALID").numpy()
-        np.testing.assert_allclose(traced(x).numpy(), expected, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(compiled(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+        x = tf.constant(_random((batch, 12, 12, 4), batch))
+        expected = _values_and_gradients(tf.nn.conv2d, x, kernel)
+        for got in (traced(x), compiled(x)):
+            for ours, plain in zip(got, expected, strict=True):
+                np.testing.assert_allclose(ours.numpy(), plain.numpy(), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("batch,height,width,channels,out_channels,kernel_size,strides,padding",
+                         [case for case in _CASES if case[-1] == "VALID"])
+def test_per_tap_input_gradient_equals_conv2d_transpose(
+    batch, height, width, channels, out_channels, kernel_size, strides, padding
+):
+    """The 16-bit types' input gradient, checked in float32 on every "VALID" case."""
+    kernel = tf.constant(_random((kernel_size, kernel_size, channels, out_channels), 13))
+    out_height, out_width = (conv.conv_output_length(length, kernel_size, strides, padding)
+                             for length in (height, width))
+    d_outputs = tf.constant(_random((batch, out_height, out_width, out_channels), 14))
+    # conv2d_transpose is TensorFlow's gradient of conv2d to its input.
+    expected = tf.nn.conv2d_transpose(d_outputs, kernel, [batch, height, width, channels],
+                                      strides, padding)
+    got = conv._per_tap_input_gradient(d_outputs, kernel, strides, height, width)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.slow
