@@ -200,12 +200,14 @@ def _strategy(config: Config):
 
 def _load_model(config: Config, checkpoint: str):
     """The model of `checkpoint` (its run file; for a TF1 checkpoint --model and the data
-    flags), checked to take the images of --dataset, --num_targets and --distort."""
+    flags) in the precision --mixed_bfloat16 asks for, whatever it was trained in, checked
+    to take the images of --dataset, --num_targets and --distort."""
     from capsules.checkpoints import load_model
 
     info = _dataset_info(config)
     model = load_model(checkpoint, config.hparams_override, model=config.model,
-                       dataset_info=info)
+                       dataset_info=info,
+                       dtype="mixed_bfloat16" if config.mixed_bfloat16 else "float32")
     takes = (*model.image_shape, model.num_classes, model.num_targets)
     given = (info.height, info.width, info.depth, info.num_classes, info.num_targets)
     if takes != given:

@@ -109,7 +109,8 @@ def read_run_file(checkpoint_path: str) -> RunFile | None:
 
 
 def load_model(checkpoint_path: str, hparams_override: str | None = None, *,
-               model: str | None = None, dataset_info: Any = None) -> keras.Model:
+               model: str | None = None, dataset_info: Any = None,
+               dtype: str | None = None) -> keras.Model:
     """The model of `checkpoint_path`, built, with the checkpoint's weights restored.
 
     The model's class, constructor config and hyper-parameters come from the run file next
@@ -126,6 +127,9 @@ def load_model(checkpoint_path: str, hparams_override: str | None = None, *,
       model: a name in `capsules.models.MODELS` ('capsule', 'baseline', ...).
       dataset_info: the images' shape and targets: anything with height, width, depth,
         num_classes and num_targets, e.g. `capsules.datasets.dataset_info("mnist")`.
+      dtype: the dtype policy to build the model in ("float32", "mixed_bfloat16"); None:
+        the run file's, the policy it was trained in. Weights are float32 under either,
+        so any checkpoint loads in any policy.
 
     Raises:
       MissingFileError: no checkpoint at `checkpoint_path`.
@@ -160,6 +164,8 @@ def load_model(checkpoint_path: str, hparams_override: str | None = None, *,
                                   hparams_override)
     except ValueError as error:
         raise UsageError(f"hparams_override: {error}") from None
+    if dtype is not None:
+        config = {**config, "dtype": dtype}
     built = models.MODELS[name].from_config({**config, "hparams": hparams.to_dict()})
     restore_weights(built, checkpoint_path)
     return built

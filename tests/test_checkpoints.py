@@ -44,6 +44,17 @@ def test_load_model_rebuilds_the_model_from_the_path_alone(tmp_path):
         checkpoints.load_model(str(tmp_path / "run" / "model.ckpt-9"))
 
 
+def test_load_model_builds_in_the_trained_policy_or_the_one_asked_for(tmp_path):
+    model = CapsNet(SMALL, dtype="mixed_bfloat16")
+    prefix = saved(tmp_path / "run", model)
+    assert checkpoints.load_model(prefix).dtype_policy.name == "mixed_bfloat16"
+    float32 = checkpoints.load_model(prefix, dtype="float32")
+    assert float32.dtype_policy.name == "float32"
+    assert float32.get_layer("conv1").compute_dtype == "float32"
+    for mine, theirs in zip(float32.weights, model.weights, strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+
+
 def test_an_older_run_file_loads_with_the_dataset_info(tmp_path):
     model = CapsNet(SMALL)
     prefix = saved(tmp_path, model, run_file=False)

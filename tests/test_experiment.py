@@ -369,7 +369,7 @@ def test_evaluation_of_a_checkpoint_prints_the_reference_line(data, first_run):
 
 
 @pytest.mark.slow
-def test_mixed_bfloat16_trains_float32_weights_and_evaluates(data, tmp_path):
+def test_mixed_bfloat16_trains_float32_weights_and_evaluates(data, tmp_path, monkeypatch):
     run(f"--data_dir={data['dir']}", f"--summary_dir={tmp_path}", "--max_steps=2",
         "--batch_size=4", f"--hparams_override={SMALL}", "--mixed_bfloat16")
     assert keras.mixed_precision.global_policy().name == "float32"  # restored after the run
@@ -381,10 +381,20 @@ def test_mixed_bfloat16_trains_float32_weights_and_evaluates(data, tmp_path):
     dtypes = {name: dtype for name, dtype in reader.get_variable_to_dtype_map().items()
               if name.endswith("VARIABLE_VALUE")}
     assert dtypes and set(dtypes.values()) <= {tf.float32, tf.int64}, dtypes
-    checkpoints.load_model(checkpoint)  # a float32 model takes the weights
-    result, _ = run(f"--data_dir={data['dir']}", "--train=false", "--mixed_bfloat16",
-                    f"--checkpoint={checkpoint}", "--eval_size=5")
-    assert result.total == 5
+    # Evaluation runs in the precision its own --mixed_bfloat16 asks for, not the training's.
+    built, load_model = [], checkpoints.load_model
+
+    def recording_load_model(*args, **kwargs):
+        model = load_model(*args, **kwargs)
+        built.append(model.dtype_policy.name)
+        return model
+
+    monkeypatch.setattr(checkpoints, "load_model", recording_load_model)
+    for flag, policy in (("--mixed_bfloat16", "mixed_bfloat16"),
+                         ("--nomixed_bfloat16", "float32")):
+        result, _ = run(f"--data_dir={data['dir']}", "--train=false", flag,
+                        f"--checkpoint={checkpoint}", "--eval_size=5")
+        assert result.total == 5 and built[-1] == policy
 
 
 @pytest.mark.slow
