@@ -140,6 +140,11 @@ class Config:
     keep_checkpoints: int
     allow_hparams_change: bool
 
+    @property
+    def dtype_policy(self) -> str:
+        """Keras' dtype policy that --mixed_bfloat16 names."""
+        return "mixed_bfloat16" if self.mixed_bfloat16 else "float32"
+
     @classmethod
     def from_flags(cls, values: flags.FlagValues = FLAGS) -> Config:
         """The config of parsed flag values."""
@@ -207,7 +212,7 @@ def _load_model(config: Config, checkpoint: str):
     info = _dataset_info(config)
     model = load_model(checkpoint, config.hparams_override, model=config.model,
                        dataset_info=info,
-                       dtype="mixed_bfloat16" if config.mixed_bfloat16 else "float32")
+                       dtype=config.dtype_policy)
     takes = (*model.image_shape, model.num_classes, model.num_targets)
     given = (info.height, info.width, info.depth, info.num_classes, info.num_targets)
     if takes != given:
@@ -329,13 +334,13 @@ def run_ensemble(config: Config):
 
 
 @contextlib.contextmanager
-def _precision(mixed_bfloat16: bool) -> Iterator[None]:
+def _precision(policy: str) -> Iterator[None]:
     """Keras' global dtype policy for the run (every model built in it takes it), restored
     afterwards."""
     import keras
 
     previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("mixed_bfloat16" if mixed_bfloat16 else "float32")
+    keras.mixed_precision.set_global_policy(policy)
     try:
         yield
     finally:
@@ -353,7 +358,7 @@ def run(config: Config):
         parse_overrides(MODELS[config.model].hparams_class(), config.hparams_override)
     except ValueError as error:
         raise UsageError(f"--hparams_override: {error}") from None
-    with _precision(config.mixed_bfloat16):
+    with _precision(config.dtype_policy):
         try:
             if config.train:
                 return run_training(config)
