@@ -4,6 +4,8 @@
       --output_dir=checkpoints/mnist
   python -m capsules.export --checkpoint=REFERENCE_DIR/model.ckpt-N --output_dir=OUT \
       --model=capsule --dataset=mnist   # a reference TF1 checkpoint (no run file)
+  python -m capsules.export --checkpoint=runs/mnist/train/model.ckpt-3500 \
+      --output_dir=OUT --dtype=float32  # trained under --mixed_bfloat16, loads in float32
 
 The copy is a tf.train.Checkpoint of the model alone, model.ckpt-STEP with a `checkpoint`
 state file (so `tf.train.latest_checkpoint(output_dir)` finds it), and the run file beside
@@ -26,16 +28,19 @@ from capsules.models import MODELS
 
 
 def export_weights(checkpoint: str, output_dir: str, model: str | None = None,
-                   dataset_info: Any = None) -> str:
+                   dataset_info: Any = None, dtype: str | None = None) -> str:
     """Restores `checkpoint` into its model and saves the weights alone to output_dir.
 
     `model` and `dataset_info` are needed only for a checkpoint without a (complete) run
-    file, as `capsules.checkpoints.load_model` says. Returns the new checkpoint's prefix,
-    output_dir/model.ckpt-STEP. `checkpoint` may also be its `.index` file or a folder (its
-    latest checkpoint).
+    file, as `capsules.checkpoints.load_model` says. `dtype` is the policy the copy's run
+    file rebuilds the model in ("float32", "mixed_bfloat16"; None: the training's); the
+    weights are float32 either way, so the copy holds the same numbers. Returns the new
+    checkpoint's prefix, output_dir/model.ckpt-STEP. `checkpoint` may also be its `.index`
+    file or a folder (its latest checkpoint).
     """
     checkpoint = checkpoints.resolve_checkpoint(checkpoint)
-    restored = checkpoints.load_model(checkpoint, model=model, dataset_info=dataset_info)
+    restored = checkpoints.load_model(checkpoint, model=model, dataset_info=dataset_info,
+                                      dtype=dtype)
     run = checkpoints.read_run_file(checkpoint)
     step = checkpoints.checkpoint_step(checkpoint)
     os.makedirs(output_dir, exist_ok=True)
@@ -54,7 +59,8 @@ def main(argv: list[str]) -> None:
     try:
         info = (datasets.dataset_info(values.dataset, values.num_targets, values.distort)
                 if values.dataset else None)
-        print(export_weights(values.checkpoint, values.output_dir, values.model, info))
+        print(export_weights(values.checkpoint, values.output_dir, values.model, info,
+                             values.dtype))
     except (UsageError, *FILE_ERRORS) as error:
         print(f"export: error: {error_line(error)}", file=sys.stderr)
         sys.exit(1)
@@ -72,4 +78,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("num_targets", None, "1, or 2 for MultiMNIST (default: the data "
                          "set's, 2 for multimnist).", lower_bound=1, upper_bound=2)
     flags.DEFINE_bool("distort", False, "MNIST: the 24x24 crops of experiment.py --distort.")
+    flags.DEFINE_enum("dtype", None, ["float32", "mixed_bfloat16"],
+                      "The dtype policy the copy loads in (default: the one it was trained in).")
     app.run(main)

@@ -46,3 +46,23 @@ def test_export_keeps_weights_and_drops_optimizer_state(tmp_path):
     mismatched.compile()
     with pytest.raises(ValueError, match="does not fit this model"):
         checkpoints.restore_weights(mismatched, prefix)
+
+
+def test_export_can_rebuild_a_mixed_bfloat16_run_in_float32(tmp_path):
+    model = CapsNet(default_hparams().replace(num_prime_capsules=2, routing=1),
+                    dtype="mixed_bfloat16")
+    train_dir = tmp_path / "train"
+    train_dir.mkdir()
+    checkpoints.write_run_file(str(train_dir), model, {"mixed_bfloat16": True})
+    saved = training.checkpoint_manager(model, str(train_dir)).save(checkpoint_number=5)
+
+    as_trained = checkpoints.load_model(export_weights(saved, str(tmp_path / "bf16")))
+    assert as_trained.dtype_policy.name == "mixed_bfloat16"
+    prefix = export_weights(saved, str(tmp_path / "f32"), dtype="float32")
+    assert checkpoints.read_run_file(prefix).config["dtype"]["config"]["name"] == "float32"
+    # The run's flags stay the record of how it was trained.
+    assert checkpoints.read_run_file(prefix).flags == {"mixed_bfloat16": True}
+    restored = checkpoints.load_model(prefix)
+    assert restored.get_layer("conv1").compute_dtype == "float32"
+    for mine, theirs in zip(restored.weights, model.weights, strict=True):
+        np.testing.assert_array_equal(mine, theirs)
