@@ -59,9 +59,10 @@ def test_export_can_rebuild_a_mixed_bfloat16_run_in_float32(tmp_path):
     as_trained = checkpoints.load_model(export_weights(saved, str(tmp_path / "bf16")))
     assert as_trained.dtype_policy.name == "mixed_bfloat16"
     prefix = export_weights(saved, str(tmp_path / "f32"), dtype="float32")
-    assert checkpoints.read_run_file(prefix).config["dtype"]["config"]["name"] == "float32"
+    run = checkpoints.read_run_file(prefix)
+    assert run.config["dtype"]["config"]["name"] == "float32"
     # The run's flags stay the record of how it was trained.
-    assert checkpoints.read_run_file(prefix).flags == {"mixed_bfloat16": True}
+    assert run.flags == {"mixed_bfloat16": True}
     restored = checkpoints.load_model(prefix)
     assert restored.get_layer("conv1").compute_dtype == "float32"
     for mine, theirs in zip(restored.weights, model.weights, strict=True):
