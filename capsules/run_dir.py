@@ -35,6 +35,7 @@ from capsules.checkpoints import (
     complete_checkpoints,
 )
 from capsules.errors import UsageError
+from capsules.processes import process_alive
 
 CHECKPOINT_NAME = "model.ckpt"
 LOCK_FILE = "run.lock"
@@ -56,17 +57,6 @@ _TEMP_DIR = re.compile(re.escape(CHECKPOINT_NAME) + r"-\d+_temp(_[0-9a-f]+)?(/pa
 
 class RunDirectoryError(UsageError):
     """The training directory cannot be used as it is; the message says why in one line."""
-
-
-def process_alive(pid: int) -> bool:
-    """Whether process `pid` runs on this machine (someone else's counts as running)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _boot_id() -> str:

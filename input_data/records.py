@@ -13,7 +13,7 @@ from typing import TypeVar
 import tensorflow as tf
 
 from capsules.errors import MissingFileError, UsageError, error_line
-from capsules.run_dir import process_alive
+from capsules.processes import process_alive
 
 T = TypeVar("T")
 
