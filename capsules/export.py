@@ -15,6 +15,12 @@ that `capsules.checkpoints.load_model` rebuilds it from the path alone.
 
 from __future__ import annotations
 
+# ruff: noqa: E402 - a command quiets TensorFlow's C++ logs before the imports below load it
+from capsules.tf_logs import quiet_tensorflow_logs
+
+if __name__ == "__main__":
+    quiet_tensorflow_logs()
+
 import os
 import sys
 from typing import Any

@@ -22,6 +22,12 @@ A CapsNet without decoder (remake=false) gets only capsule_lengths.png and curve
 
 from __future__ import annotations
 
+# ruff: noqa: E402 - a command quiets TensorFlow's C++ logs before the imports below load it
+from capsules.tf_logs import quiet_tensorflow_logs
+
+if __name__ == "__main__":
+    quiet_tensorflow_logs()
+
 import logging
 import os
 import sys

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # and process facts; never the training, checkpoint, run directory, distribution or model
 # modules (they would make every data tool load the model).
 ALLOWED = {"capsules.errors", "capsules.datasets", "capsules.features", "capsules.tf_data",
-           "capsules.processes"}
+           "capsules.processes", "capsules.tf_logs"}
 
 
 def _capsules_imports(path: Path) -> list[str]:

@@ -15,6 +15,12 @@ into place; on failure the directory is left as it was.
 
 from __future__ import annotations
 
+# ruff: noqa: E402 - a command quiets TensorFlow's C++ logs before the imports below load it
+from capsules.tf_logs import quiet_tensorflow_logs
+
+if __name__ == "__main__":
+    quiet_tensorflow_logs()
+
 import dataclasses
 import gzip
 import hashlib

@@ -29,6 +29,12 @@ from collections.abc import Iterator
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
 
+# ruff: noqa: E402 - a command quiets TensorFlow's C++ logs before the imports below load it
+from capsules.tf_logs import quiet_tensorflow_logs
+
+if __name__ == "__main__":
+    quiet_tensorflow_logs()
+
 import numpy as np
 import tensorflow as tf
 from absl import app, flags

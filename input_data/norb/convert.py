@@ -14,6 +14,12 @@ when both are complete: on an error, --data_dir is left as it was.
 
 from __future__ import annotations
 
+# ruff: noqa: E402 - a command quiets TensorFlow's C++ logs before the imports below load it
+from capsules.tf_logs import quiet_tensorflow_logs
+
+if __name__ == "__main__":
+    quiet_tensorflow_logs()
+
 import os
 import sys
 
