@@ -57,8 +57,8 @@ def define_flags(values: flags.FlagValues = FLAGS) -> None:
             lower_bound=0)
     integer("local_workers", 0,
             "Run this command as N workers of a cluster on this machine (TF_CONFIG on free "
-            "loopback ports; output prefixed by task index). See README 'Training on several "
-            "machines'.", lower_bound=0)
+            "loopback ports; output prefixed by task index). See docs/distributed.md "
+            "(several machines).", lower_bound=0)
     integer("num_targets", 1, "Number of targets to detect (1 or 2).", lower_bound=1,
             upper_bound=2)
     integer("num_trials", 1, "Number of trials for ensemble evaluation.", lower_bound=1)
