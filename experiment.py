@@ -173,7 +173,7 @@ def _inputs(config: Config, split: str, batch_size: int, repeat: bool = False,
     import input_data
 
     if not config.data_dir:
-        raise UsageError("--data_dir is required (see README.md, 'Data')")
+        raise UsageError("--data_dir is required (see docs/data.md)")
     return input_data.inputs(
         config.dataset, split, config.data_dir, batch_size, num_targets=config.num_targets,
         validate=config.validate, distort=config.distort,
