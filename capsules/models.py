@@ -279,7 +279,7 @@ class _ReferenceModel(keras.Model):
             metric.update_state(scalars[metric.name], sample_weight=batch_size)
         return {metric.name: metric.result() for metric in self.metrics}
 
-    # -- Input without tf.data's autotune stall (README 'Speed') ------------------------
+    # -- Input without tf.data's autotune stall (docs/speed.md) -------------------------
     # Keras drops its tf.data iterator at the end of every fit, evaluate and predict, and of
     # every epoch of a finite dataset; with autotune on, that can block for up to 60 s in
     # TensorFlow 2.21 (capsules.tf_data.without_autotune). So whatever these receive
