@@ -11,7 +11,7 @@ def without_autotune(ds: tf.data.Dataset) -> tf.data.Dataset:
     Dropping an iterator of an autotuned dataset can block for up to 60 s: the iterator's
     destructor cancels tf.data's autotune thread and joins it, and the thread, woken before
     the cancellation is flagged, sleeps until its next scheduled run (TensorFlow 2.21;
-    README 'Speed'). Keras drops one at the end of every fit, evaluate and predict.
+    docs/speed.md). Keras drops one at the end of every fit, evaluate and predict.
     """
     options = tf.data.Options()
     options.autotune.enabled = False
