@@ -18,8 +18,8 @@ for t = 0..num_routing-1; the output is the last M-step's mu and a. s is 1 in
 fully connected routing and output_dim in convolutional routing (`conv_em_routing`:
 the cost in the official code's units of mass). Where the
 official code departs from the paper (a damped mean, per-type normalisation in the
-convolutional layers, ln sigma^2 in the cost) this module follows the paper; README.md
-"EM routing" lists each departure and why.
+convolutional layers, ln sigma^2 in the cost) this module follows the paper;
+docs/em_routing.md lists each departure and why.
 
 Layout. Votes are routed as `[*groups, parents, children, 16]`: for every group
 (batch; batch and output position for a convolution) the M-step's sums over the
