@@ -34,7 +34,7 @@ from input_data.mnist.record_names import record_name
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 TIMEOUT = 600  # per command; a few seconds per worker on an idle machine
-# A peer's death stops the others within TensorFlow's 10 s heartbeat timeout (README);
+# A peer's death stops the others within TensorFlow's 10 s heartbeat timeout (docs/distributed.md);
 # the bound leaves room for a loaded machine.
 LOST_PEER_BOUND_SECS = 60
 SMALL = "num_prime_capsules=1,routing=1"
