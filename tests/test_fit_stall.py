@@ -1,5 +1,5 @@
 """model.fit / evaluate / predict return as soon as their last step ends: no tf.data
-autotune stall when Keras drops an iterator (README 'Speed'), for arrays and datasets, at
+autotune stall when Keras drops an iterator (docs/speed.md), for arrays and datasets, at
 the end of a call, between epochs and after each validation run."""
 
 import time
