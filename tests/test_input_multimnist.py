@@ -146,7 +146,7 @@ def test_shapes_and_options(mnist):
             "images": [batch, 36, 36, 1], "labels": [batch, 10],
             "recons_image": [batch, 36, 36, 1], "recons_label": [batch],
             "spare_image": [batch, 36, 36, 1], "spare_label": [batch]}
-        assert ds.options().autotune.enabled is False  # README 'Speed': no teardown stall
+        assert ds.options().autotune.enabled is False  # docs/speed.md: no teardown stall
 
 
 @pytest.mark.slow
