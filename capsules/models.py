@@ -14,7 +14,11 @@ import numpy as np
 import tensorflow as tf
 
 # Keras' own input adapters (keras>=3,<4): fit/evaluate/predict take the data as Keras would.
-from keras.src.trainers.data_adapters import array_slicing, get_data_adapter
+from keras.src.trainers.data_adapters import (
+    array_data_adapter,
+    array_slicing,
+    get_data_adapter,
+)
 from keras.src.trainers.data_adapters.data_adapter import DataAdapter
 
 from capsules import em_layers, layers, losses
@@ -296,6 +300,10 @@ class _ReferenceModel(keras.Model):
             validation_data = _NoAutotuneAdapter.of(
                 *keras.utils.unpack_x_y_sample_weight(validation_data),
                 batch_size=validation_batch_size or batch_size, steps=validation_steps)
+        # Keras shuffles arrays and a PyDataset; to a dataset or generator (shuffled by its
+        # maker) it would only warn, on every call, that shuffle=True is ignored.
+        shuffle = shuffle and (array_data_adapter.can_convert_arrays((x, y, sample_weight))
+                               or isinstance(x, keras.utils.PyDataset))
         data = _NoAutotuneAdapter.of(x, y, sample_weight, batch_size, steps_per_epoch, shuffle,
                                      class_weight)
         return super().fit(data, epochs=epochs, verbose=verbose, callbacks=callbacks,
