@@ -5,6 +5,7 @@ cannot be read or written (`FILE_ERRORS`). Anything else (a bug, an error of a c
 keeps its traceback.
 """
 
+import errno
 import re
 
 import tensorflow as tf
@@ -21,6 +22,22 @@ class MissingFileError(UsageError, FileNotFoundError):
 # An unwritable --summary_dir, a checkpoint file that cannot be read: not bugs of the program.
 FILE_ERRORS = (OSError, tf.errors.PermissionDeniedError, tf.errors.NotFoundError,
                tf.errors.DataLossError, tf.errors.AlreadyExistsError)
+
+
+class DiskFullError(OSError):
+    """A write found no space left on the device; the message names the folder."""
+
+
+# How TensorFlow's file system ends an ENOSPC error (a ResourceExhaustedError, like an
+# out-of-memory one, which must keep its traceback).
+_NO_SPACE = "No space left on device"
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether `error`, the system's or TensorFlow's, says that the device is full."""
+    if isinstance(error, OSError):
+        return error.errno == errno.ENOSPC
+    return isinstance(error, tf.errors.ResourceExhaustedError) and _NO_SPACE in str(error)
 
 
 class DataReadError(RuntimeError):

@@ -26,7 +26,7 @@ from capsules.checkpoints import (
     run_file_content,
     write_json_atomically,
 )
-from capsules.errors import DataReadError, error_line
+from capsules.errors import DataReadError, DiskFullError, disk_full, error_line
 from capsules.models import CapsNet
 from capsules.run_dir import CHECKPOINT_NAME
 
@@ -43,6 +43,26 @@ def checkpoint_manager(model: keras.Model, directory: str, max_to_keep: int | No
     return tf.train.CheckpointManager(
         checkpoint, directory, max_to_keep=max_to_keep, checkpoint_name=CHECKPOINT_NAME
     )
+
+
+def _save(manager: tf.train.CheckpointManager, step: int) -> None:
+    """Saves model.ckpt-STEP; a full disk is a DiskFullError naming the directory.
+
+    A save that fails leaves the previous checkpoints and the state file as they were
+    (TensorFlow writes model.ckpt-STEP_temp/ and renames it when whole); that leftover is
+    removed at once, for the space it holds.
+    """
+    try:
+        manager.save(checkpoint_number=step)
+    except (OSError, tf.errors.ResourceExhaustedError) as error:
+        if not disk_full(error):
+            raise
+        run_dir.remove_leftovers(manager.directory)
+        raise DiskFullError(
+            f"{manager.directory}: no space left on the device to save the checkpoint of step "
+            f"{step}; free some and rerun the same command to resume from "
+            f"{manager.latest_checkpoint or 'step 0 (no checkpoint yet)'}"
+        ) from error
 
 
 def _reconstruction_summary(model: CapsNet, features: dict, max_images: int = 10) -> tf.Tensor:
@@ -95,6 +115,7 @@ def train(
     Returns the last step. Raises NonFiniteLossError on a NaN or infinite loss or
     weights, after which the latest checkpoint in train_dir is the last finite one;
     run_dir.RunDirectoryError for a directory in use, unwritable or beyond repair;
+    errors.DiskFullError when the disk fills during a save (the checkpoints before kept);
     distribute.Preempted when a worker got SIGTERM (all saved a checkpoint at the step
     where they stopped); distribute.WorkerLostError when a peer worker stopped.
     """
@@ -188,7 +209,7 @@ def _train(model, dataset, train_dir, own_dir, max_steps, save_step, batch_size,
                         f"{scalars['loss']}); training stopped, the last good checkpoint is "
                         f"{manager.latest_checkpoint or 'none (no checkpoint yet)'}"
                     )
-                manager.save(checkpoint_number=step)
+                _save(manager, step)
                 if chief and isinstance(model, CapsNet) and model.decoder is not None:
                     local = strategy.experimental_local_results(features)[0]
                     tf.summary.image(
