@@ -31,6 +31,10 @@ setup(
         # capsules.visualize draws its PNG figures with matplotlib.
         "matplotlib>=3.5",
     ],
-    extras_require={"test": ["pytest>=7", "ruff>=0.5"]},
+    extras_require={"test": [
+        "pytest>=7", "ruff>=0.5",
+        # notebooks/run.py and tests/test_notebook.py execute notebooks/tour.ipynb.
+        "nbclient>=0.7.3", "nbformat>=5", "ipykernel>=6",
+    ]},
     license="Apache-2.0",
 )
