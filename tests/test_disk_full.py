@@ -82,7 +82,7 @@ def test_other_save_errors_keep_their_traceback(monkeypatch, tmp_path):
 
 
 def test_experiment_prints_a_full_disk_in_one_line(monkeypatch, capsys, tmp_path):
-    import experiment
+    from capsules import experiment
 
     def full(config):
         raise errors.DiskFullError(f"{tmp_path}/train: no space left on the device")

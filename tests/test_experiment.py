@@ -29,9 +29,8 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
-import experiment
 import input_data
-from capsules import checkpoints, evaluation
+from capsules import checkpoints, evaluation, experiment
 from capsules.errors import UsageError
 from capsules.export import export_weights
 from capsules.models import CapsNet

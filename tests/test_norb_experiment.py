@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 from absl import flags
 
-import experiment
 import input_data
-from capsules import evaluation
+from capsules import evaluation, experiment
 from capsules.checkpoints import load_model
 from input_data.norb import convert, nyu
 from tests.test_experiment import SMALL, report, run

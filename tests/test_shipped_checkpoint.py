@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import experiment
 import input_data
-from capsules import CapsNet, checkpoints, default_hparams
+from capsules import CapsNet, checkpoints, default_hparams, experiment
 from input_data.mnist import mnist_shift
 from input_data.mnist.record_names import record_name
 

@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import experiment
 import input_data
-from capsules import checkpoints, tf1_checkpoint
+from capsules import checkpoints, experiment, tf1_checkpoint
 from capsules.errors import UsageError
 from capsules.hparams import HParams
 from capsules.models import CapsNet, ConvBaseline
