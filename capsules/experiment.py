@@ -15,6 +15,12 @@ line: `run(parse_config(["--data_dir=data/mnist", "--max_steps=10", ...]))`.
 
 from __future__ import annotations
 
+# ruff: noqa: E402 - the command quiets TensorFlow's C++ logs before the imports below load it
+from capsules.tf_logs import quiet_tensorflow_logs
+
+# On import, not under __main__: the capsules-experiment console script imports this module.
+quiet_tensorflow_logs()
+
 import contextlib
 import dataclasses
 import os

@@ -67,8 +67,12 @@ def _command(args: list[str], level: str | None) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-# Each command, stopped by a usage error after importing TensorFlow.
+# Each command, stopped by a usage error after importing TensorFlow (experiment.py after
+# loading the shipped model, so on a machine with a GPU driver after making the device).
 COMMANDS = {
+    "experiment.py": ["experiment.py", "--train=false", "--checkpoint=checkpoints/mnist",
+                      "--data_dir={tmp}"],
+    "capsules.experiment": ["-m", "capsules.experiment", "--train=false"],
     "fetch": ["-m", "input_data.mnist.fetch", "--data_dir={tmp}", "--source=local"],
     "mnist_shift": ["input_data/mnist/mnist_shift.py", "--data_dir={tmp}", "--split=test",
                     "--shift=0"],
