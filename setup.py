@@ -1,4 +1,9 @@
-"""Capsule networks ("Dynamic Routing Between Capsules") for TensorFlow 2 and Keras 3."""
+"""Capsule networks (dynamic routing and EM routing) for TensorFlow 2 and Keras 3.
+
+The wheel holds the packages `capsules` (models, training, the driver `capsules.experiment`,
+installed as the `capsules-experiment` command) and `input_data`; the shipped checkpoints
+stay in the repository.
+"""
 
 from pathlib import Path
 
@@ -8,8 +13,9 @@ setup(
     name="capsules",
     version="0.1.0",
     description=(
-        "Capsule networks (Sabour, Frosst and Hinton, 2017) for TensorFlow 2 / Keras 3, "
-        "faithful to the reference implementation"
+        "Capsule networks for TensorFlow 2 / Keras 3: dynamic routing (Sabour, Frosst and "
+        "Hinton, 2017) and EM routing (Hinton, Sabour and Frosst, 2018), faithful to the "
+        "reference implementations"
     ),
     long_description=Path(__file__).with_name("README.md").read_text(),
     long_description_content_type="text/markdown",
@@ -36,5 +42,17 @@ setup(
         # notebooks/run.py and tests/test_notebook.py execute notebooks/tour.ipynb.
         "nbclient>=0.7.3", "nbformat>=5", "ipykernel>=6",
     ]},
+    entry_points={"console_scripts": ["capsules-experiment=capsules.experiment:console_main"]},
     license="Apache-2.0",
+    classifiers=[
+        "License :: OSI Approved :: Apache Software License",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
+        "Intended Audience :: Science/Research",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
 )
