@@ -86,7 +86,9 @@ def define_flags(values: flags.FlagValues = FLAGS) -> None:
     integer("batch_size", 128,
             "Training batch size over all devices and workers (the reference's 128).",
             lower_bound=1)
-    integer("seed", None, "Seed of the input shuffling and transforms.")
+    integer("seed", None, "Seed of the run: its initial weights, the order and content of its "
+            "batches (shuffles, shifts, pairs, distortions), whatever the number of workers "
+            "and across resumes (unset: every run draws its own).")
     integer("eval_interval_secs", 60,
             "Continuous evaluation: seconds between looks for a new checkpoint.", lower_bound=1)
     integer("eval_timeout_secs", 6 * 3600,
@@ -258,6 +260,8 @@ def _test_result(config: Config, checkpoint: str):
 
 def run_training(config: Config) -> int:
     """Trains --model on --dataset to --max_steps in summary_dir/train; returns the last step."""
+    import keras
+
     from capsules import distribute, training
     from capsules.hparams import parse_overrides
     from capsules.models import MODELS, build_model
@@ -266,6 +270,10 @@ def run_training(config: Config) -> int:
         raise UsageError("--summary_dir is required for training")
     strategy = _strategy(config)  # before any other TensorFlow op
     hparams = parse_overrides(MODELS[config.model].hparams_class(), config.hparams_override)
+    if config.seed is not None:
+        # Keras' initializers draw their seeds from Python's generator as the layers are
+        # made; seeded, every worker makes the same weights, as one process would.
+        keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         model = build_model(config.model, hparams, _dataset_info(config))
         model.compile()

@@ -57,9 +57,9 @@ def inputs(dataset: str, split: str, data_dir: str, batch_size: int,
       num_pairs: multimnist test only: pairs per test digit (1: 10,000 pairs).
       patching: norb evaluation only: the EM-routing reference's 13 test-time crops of
         each image instead of the central one (images [batch, 13, 32, 32, 2]).
-      skip_steps: training from record files with a seed: the steps a resumed run already
-        trained on, whose examples are skipped so that it continues its stream rather than
-        replay it (see `builder.build`). (multimnist's training pairs are drawn anew.)
+      skip_steps: training with a seed: the steps a resumed run already trained on, whose
+        examples are skipped so that it continues its stream rather than replay it (see
+        `builder.build`).
 
     Returns:
       A dataset of dicts, with `info = dataset_info(dataset, num_targets, distort)`:
@@ -86,7 +86,7 @@ def inputs(dataset: str, split: str, data_dir: str, batch_size: int,
                          f"{dataset} {split}")
     if dataset == "multimnist":
         return multimnist.inputs(split, data_dir, batch_size, validate, num_pairs, repeat, seed,
-                                 shard)
+                                 shard, skip_steps)
     is_training = split == "train"
     from_tfds = tfds_source.is_tfds(data_dir)
     if from_tfds and num_targets == 2:

@@ -83,28 +83,39 @@ def random_partners(labels: np.ndarray, base: tf.Tensor, seed: tf.Tensor) -> tf.
 
 
 def train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, repeat: bool,
-                  seed: int | None, shard: tuple[int, int] | None = None) -> tf.data.Dataset:
-    """Batches of new random pairs, each digit once a first digit per pass (see module);
-    with `shard` (count, index) only batches index, index + count, ..."""
+                  seed: int | None, shard: tuple[int, int] | None = None,
+                  skip_steps: int = 0) -> tf.data.Dataset:
+    """Batches of new random pairs, each digit once a first digit per pass (see module).
+
+    Every pair is drawn from a seed of its own, as the records' readers draw each example's
+    transforms (`builder.build`): with `seed` set the stream of pairs is one stream, however
+    it is batched and sharded. With `shard` (count, index) only batches index, index +
+    count, ... are kept; with `seed` set the first `skip_steps` steps' pairs are skipped
+    (a resumed run continues the stream).
+    """
     images_t, labels_t = tf.constant(images), tf.constant(labels)
 
-    def pairs(base: tf.Tensor, seed_pair: tf.Tensor) -> Features:
+    def pair(base: tf.Tensor, seed_pair: tf.Tensor) -> Features:
         partner_seed, shift_seed = tf.unstack(
             tf.random.experimental.stateless_split(seed_pair, 2))
-        partner = random_partners(labels, base, partner_seed)
-        shifts = tf.random.stateless_uniform([tf.shape(base)[0], 2, 2], shift_seed,
-                                             minval=-SHIFT, maxval=SHIFT + 1, dtype=tf.int32)
-        return pair_features(images_t, labels_t, base, partner, shifts)
+        bases = base[tf.newaxis]
+        partner = random_partners(labels, bases, partner_seed)
+        shifts = tf.random.stateless_uniform([1, 2, 2], shift_seed, minval=-SHIFT,
+                                             maxval=SHIFT + 1, dtype=tf.int32)
+        features = pair_features(images_t, labels_t, bases, partner, shifts)
+        return {name: value[0] for name, value in features.items()}
 
     ds = tf.data.Dataset.range(len(images)).shuffle(len(images), seed=seed)
     if repeat:
         ds = ds.repeat()
-    ds = ds.batch(batch_size, drop_remainder=repeat)
     seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
     ds = tf.data.Dataset.zip((ds, seeds))
+    if skip_steps and seed is not None:
+        ds = ds.skip(skip_steps * batch_size * (shard[0] if shard else 1))
+    ds = ds.map(pair, num_parallel_calls=tf.data.AUTOTUNE, deterministic=seed is not None)
+    ds = ds.batch(batch_size, drop_remainder=repeat)
     if shard is not None:
         ds = ds.shard(*shard)
-    ds = ds.map(pairs, num_parallel_calls=tf.data.AUTOTUNE)
     return without_autotune(ds.prefetch(tf.data.AUTOTUNE))
 
 
@@ -134,7 +145,7 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, num_pa
 
 def inputs(split: str, data_dir: str, batch_size: int, validate: bool = False,
            num_pairs: int = 1, repeat: bool = False, seed: int | None = None,
-           shard: tuple[int, int] | None = None) -> tf.data.Dataset:
+           shard: tuple[int, int] | None = None, skip_steps: int = 0) -> tf.data.Dataset:
     """MultiMNIST batches made from the IDX files in `data_dir` (see module and
     `input_data.inputs`); test pairs from `seed`, 0 when None."""
     if num_pairs < 1 or batch_size < 1:
@@ -143,6 +154,6 @@ def inputs(split: str, data_dir: str, batch_size: int, validate: bool = False,
     images, labels = load_split(data_dir, source)
     labels = labels.astype(np.int64)
     if split == "train":
-        return train_batches(images, labels, batch_size, repeat, seed, shard)
+        return train_batches(images, labels, batch_size, repeat, seed, shard, skip_steps)
     return eval_batches(images, labels, batch_size, num_pairs, repeat,
                         0 if seed is None else seed)
