@@ -43,9 +43,9 @@ setup(
         "nbclient>=0.7.3", "nbformat>=5", "ipykernel>=6",
     ]},
     entry_points={"console_scripts": ["capsules-experiment=capsules.experiment:console_main"]},
+    # An SPDX expression (setuptools >= 77 deprecates the license classifiers for it).
     license="Apache-2.0",
     classifiers=[
-        "License :: OSI Approved :: Apache Software License",
         "Programming Language :: Python :: 3",
         "Programming Language :: Python :: 3 :: Only",
         "Programming Language :: Python :: 3.10",

@@ -66,7 +66,8 @@ def test_the_wheel_declares_the_command_and_its_metadata(wheel):
     metadata = _dist_info(wheel, "METADATA").splitlines()
     assert "Name: capsules" in metadata
     assert [line for line in metadata if line.startswith("Version: ")]
-    assert "License: Apache-2.0" in metadata
+    # (License-Expression from setuptools >= 77.)
+    assert {"License: Apache-2.0", "License-Expression: Apache-2.0"} & set(metadata)
     [summary] = [line for line in metadata if line.startswith("Summary: ")]
     assert "dynamic routing" in summary and "EM routing" in summary
     assert "Requires-Python: >=3.10" in metadata
