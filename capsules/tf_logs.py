@@ -1,4 +1,4 @@
-"""Quiet TensorFlow's C++ logs in the command-line tools: their output is their results.
+"""Quiet TensorFlow's logs in the command-line tools: their output is their results.
 
 TensorFlow's C++ code logs through absl, which writes every message to stderr until
 absl::InitializeLog() is called, whatever TF_CPP_MIN_LOG_LEVEL says: importing TensorFlow
@@ -7,7 +7,8 @@ oneDNN notice and "Could not find cuda drivers" (twice: two of its libraries car
 TF_CPP_MIN_LOG_LEVEL holds back only the later ones (cpu_feature_guard, cuInit's error).
 So `quiet_tensorflow_logs` sets the level (3, unless the user set one) and imports
 TensorFlow with the stderr file descriptor captured, writing back all but the log lines
-below the level. TF_CPP_MIN_LOG_LEVEL=0 gets every line back.
+below the level, and holds back the INFO lines of TensorFlow's Python modules (absl.logging).
+TF_CPP_MIN_LOG_LEVEL=0 gets every line back.
 
 This module must not import TensorFlow (nor anything that does) at its top.
 """
@@ -20,6 +21,8 @@ import re
 import sys
 import tempfile
 from collections.abc import Iterator
+
+from absl import logging as absl_logging
 
 LEVEL_VARIABLE = "TF_CPP_MIN_LOG_LEVEL"
 # The tools' level: INFO, WARNING and ERROR held back (3 is TensorFlow's FATAL).
@@ -87,5 +90,8 @@ def quiet_tensorflow_logs() -> None:
     level = log_level()
     if level <= 0:
         return
+    # TensorFlow's Python modules log through absl.logging (a line per checkpoint saved),
+    # which absl.app sets to INFO: WARNING and above only (absl's --verbosity still rules).
+    absl_logging.set_verbosity(absl_logging.WARNING)
     with _stderr_filtered(level):
         import tensorflow  # noqa: F401

@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from capsules import tf_logs
+from input_data.mnist import mnist_shift
+from input_data.mnist.record_names import record_name
 
 ROOT = Path(__file__).resolve().parents[1]
 # The lines TensorFlow 2.21 prints on import and on its first op, and any absl log line.
@@ -94,3 +97,18 @@ def test_commands_print_no_tensorflow_log_lines_unless_asked(tmp_path, name):
     # TF_CPP_MIN_LOG_LEVEL=0 gives back TensorFlow's lines, and nothing else differs.
     loud = _command(args, "0")
     assert [line for line in loud.stderr.splitlines() if not LOG_LINE.search(line)] == lines
+
+
+@pytest.mark.slow
+def test_training_prints_no_log_line_when_it_saves_a_checkpoint(tmp_path):
+    # TensorFlow's saver logs a Python INFO line per save ("Sharding callback duration").
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    mnist_shift.write_single(pixels, np.arange(4), str(tmp_path / record_name("train", 2)),
+                             0, 0)
+    result = _command(["experiment.py", f"--data_dir={tmp_path}", f"--summary_dir={tmp_path}",
+                       "--batch_size=4", "--max_steps=1",
+                       "--hparams_override=num_prime_capsules=1,routing=1,remake=false"], None)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "train" / "model.ckpt-1.index").exists()
+    output = (result.stdout + result.stderr).replace("\r", "\n").splitlines()
+    assert not [line for line in output if LOG_LINE.search(line)], output
