@@ -60,7 +60,9 @@ def build(reader: Reader, records: tf.data.Dataset, batch_size: int, is_training
     is a new epoch: new order, new transforms). Evaluation keeps the order and never drops a
     partial batch. With `repeat` the data repeats forever (in training a remainder batch
     is dropped, so every batch has `batch_size` examples). With `shard` (count, index) only
-    batches index, index + count, ... are kept.
+    batches index, index + count, ... are kept, chosen before decoding (each worker decodes
+    its own share); with `seed` set the workers' batches of one step are then the
+    consecutive batches, with the same transforms, that one process reads.
     Training with `seed` set skips the examples of the first `skip_steps` steps of that
     stream (before decoding them, so cheaply: batch_size each, times the shard count with
     `shard`): a resumed run continues the stream where it stopped instead of replaying it;
@@ -82,6 +84,9 @@ def build(reader: Reader, records: tf.data.Dataset, batch_size: int, is_training
         if skip_steps and seed is not None:
             # A step takes one batch of this pipeline, or one of every shard's (`shard` below).
             ds = ds.skip(skip_steps * batch_size * (shard[0] if shard else 1))
+    if shard is not None:
+        ds = ds.batch(batch_size, drop_remainder=is_training and repeat).shard(*shard).unbatch()
+    if is_training:
         ds = ds.map(
             lambda record, pair: reader.parse_train(reader.decode(*record), pair),
             num_parallel_calls=autotune, deterministic=seed is not None)
@@ -89,6 +94,4 @@ def build(reader: Reader, records: tf.data.Dataset, batch_size: int, is_training
         ds = ds.map(lambda name, record: reader.parse_eval(reader.decode(name, record)),
                     num_parallel_calls=autotune, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=is_training and repeat)
-    if shard is not None:
-        ds = ds.shard(*shard)
     return without_autotune(ds.prefetch(autotune))

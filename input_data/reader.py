@@ -48,12 +48,12 @@ def inputs(dataset: str, split: str, data_dir: str, batch_size: int,
       seed: seed of the shuffles and random transforms (None: nondeterministic); for
         multimnist's test pairs too (None: 0).
       shard: (number of workers, this worker's index) for multi-worker training: this
-        worker's share of the batches. By file when there are at least as many files as
-        workers (files index, index + count, ...; seed + index seeds this worker's
-        shuffles and transforms), otherwise by data (always for multimnist): every worker
-        reads all the data and keeps batches index, index + count, ... (with `seed` set,
-        the workers' batches of one step are then the consecutive batches one process
-        reads).
+        worker's share of the batches. With `seed` set (and always for multimnist) by data:
+        every worker reads all the records and decodes its batches index, index + count,
+        ..., so that the workers' batches of one step are the consecutive batches one
+        process reads, whatever the number of workers. Without a seed, by file when there
+        are at least as many files as workers (files index, index + count, ...: each worker
+        reads only its files), otherwise by data.
       num_pairs: multimnist test only: pairs per test digit (1: 10,000 pairs).
       patching: norb evaluation only: the EM-routing reference's 13 test-time crops of
         each image instead of the central one (images [batch, 13, 32, 32, 2]).
@@ -101,10 +101,9 @@ def inputs(dataset: str, split: str, data_dir: str, batch_size: int,
         reader = dataclasses.replace(reader, decode=tfds_source.decode)
     else:
         files, read = _files(dataset, split, data_dir, num_targets, validate, shift)
-        if shard is not None and len(files) >= shard[0]:
+        if shard is not None and seed is None and len(files) >= shard[0]:
             count, index = shard
             files, shard = files[index::count], None
-            seed = None if seed is None else seed + index
         records = builder.file_records(files, read, is_training, seed)
     return builder.build(reader, records, batch_size, is_training, repeat, seed, shard,
                          skip_steps)

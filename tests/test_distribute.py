@@ -208,10 +208,26 @@ def test_sharding_by_data_splits_each_batch_of_one_process(data):
 
 
 @pytest.mark.slow
+def test_seeded_sharding_of_several_files_splits_each_batch_of_one_process(data):
+    """Two MultiMNIST shards, two workers, a seed: as one process, however many files."""
+    def batches(batch_size, shard=None, count=6):
+        dataset = input_data.inputs("mnist", "train", data["multi"], batch_size, num_targets=2,
+                                    repeat=True, seed=3, shard=shard)
+        return [_images(batch) for batch in dataset.take(count)]
+
+    single = batches(4)
+    worker0, worker1 = batches(2, (2, 0)), batches(2, (2, 1))
+    for step in range(6):
+        np.testing.assert_array_equal(np.concatenate([worker0[step], worker1[step]]),
+                                      single[step])
+
+
+@pytest.mark.slow
 def test_sharding_by_file_gives_each_worker_its_own_files(data):
-    """Two MultiMNIST shards, two workers: each reads one file; together they read all."""
+    """Two MultiMNIST shards, two workers, no seed: each reads one file; together they read
+    all."""
     def epoch(shard=None):
-        dataset = input_data.inputs("mnist", "train", data["multi"], 4, num_targets=2, seed=3,
+        dataset = input_data.inputs("mnist", "train", data["multi"], 4, num_targets=2,
                                     shard=shard)
         return sorted(image.tobytes() for batch in dataset for image in _images(batch))
 

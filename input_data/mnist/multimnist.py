@@ -112,10 +112,10 @@ def train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, repea
     ds = tf.data.Dataset.zip((ds, seeds))
     if skip_steps and seed is not None:
         ds = ds.skip(skip_steps * batch_size * (shard[0] if shard else 1))
+    if shard is not None:  # before the pairs are made: each worker makes its own
+        ds = ds.batch(batch_size, drop_remainder=repeat).shard(*shard).unbatch()
     ds = ds.map(pair, num_parallel_calls=tf.data.AUTOTUNE, deterministic=seed is not None)
     ds = ds.batch(batch_size, drop_remainder=repeat)
-    if shard is not None:
-        ds = ds.shard(*shard)
     return without_autotune(ds.prefetch(tf.data.AUTOTUNE))
 
 
