@@ -31,6 +31,12 @@ class EMHParams(ValidatedHParams):
       learning_rate, decay_rate, decay_steps: Adam's learning rate is
         learning_rate * decay_rate^(step / decay_steps) (0.01, 0.96, 20,000).
       gradient_clip: every gradient element is clipped to [-gradient_clip, gradient_clip] (200).
+      variance_floor: added to every variance in the routing (the official 0.0005).
+      class_cost_scale: the class layer counts each class's mass this many times in its
+        cost (1: the paper and the official code; IBM's port 100 / (children / classes)).
+      conv_kernel_stddev, class_kernel_stddev: initial transformation matrices, truncated
+        normal (the official 0.3 and 0.01).
+      conv1_batch_norm: batch normalisation between conv1 and its ReLU (the official: none).
     """
 
     conv1_channels: int = 32
@@ -49,11 +55,17 @@ class EMHParams(ValidatedHParams):
     decay_rate: float = 0.96
     decay_steps: int = 20_000
     gradient_clip: float = 200.0
+    variance_floor: float = 0.0005
+    class_cost_scale: float = 1.0
+    conv_kernel_stddev: float = 0.3
+    class_kernel_stddev: float = 0.01
+    conv1_batch_norm: bool = False
 
     _POSITIVE: ClassVar[tuple] = (
         "conv1_channels", "primary_capsules", "conv_capsules1", "conv_capsules2", "routing",
         "final_lambda", "class_final_lambda", "margin_steps", "learning_rate", "decay_rate",
-        "decay_steps", "gradient_clip",
+        "decay_steps", "gradient_clip", "variance_floor", "class_cost_scale",
+        "conv_kernel_stddev", "class_kernel_stddev",
     )
 
     def __post_init__(self) -> None:

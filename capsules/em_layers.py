@@ -28,12 +28,10 @@ def _initializer(value, default: keras.initializers.Initializer):
     return default if value == "official" else keras.initializers.get(value)
 
 
-def _check_lambda(final_lambda) -> float:
-    if isinstance(final_lambda, bool) or not isinstance(final_lambda, (int, float)) or not (
-        final_lambda > 0
-    ):
-        raise ValueError(f"`final_lambda` must be a number > 0, got final_lambda={final_lambda!r}")
-    return float(final_lambda)
+def _check_positive_number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"`{name}` must be a number > 0, got {name}={value!r}")
+    return float(value)
 
 
 def _check_capsule_pair(layer, input_shape) -> tuple:
@@ -81,13 +79,17 @@ class _RoutedMatrixCapsule(keras.layers.Layer):
         kernel_initializer="official",
         beta_a_initializer="official",
         beta_v_initializer="official",
+        variance_floor: float = em_routing.VARIANCE_FLOOR,
+        cost_scale: float = 1.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
         _check_positive(num_capsules=num_capsules, num_routing=num_routing)
         self.num_capsules = num_capsules
         self.num_routing = num_routing
-        self.final_lambda = _check_lambda(final_lambda)
+        self.final_lambda = _check_positive_number("final_lambda", final_lambda)
+        self.variance_floor = _check_positive_number("variance_floor", variance_floor)
+        self.cost_scale = _check_positive_number("cost_scale", cost_scale)
         self.kernel_initializer = _initializer(
             kernel_initializer, keras.initializers.TruncatedNormal(stddev=self._KERNEL_STDDEV)
         )
@@ -128,6 +130,8 @@ class _RoutedMatrixCapsule(keras.layers.Layer):
             num_capsules=self.num_capsules,
             num_routing=self.num_routing,
             final_lambda=self.final_lambda,
+            variance_floor=self.variance_floor,
+            cost_scale=self.cost_scale,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
             beta_a_initializer=keras.initializers.serialize(self.beta_a_initializer),
             beta_v_initializer=keras.initializers.serialize(self.beta_v_initializer),
@@ -234,6 +238,9 @@ class ConvMatrixCapsule(_RoutedMatrixCapsule):
       final_lambda: the inverse temperature's final value (0.01, the official).
       kernel_initializer, beta_a_initializer, beta_v_initializer: default "official"
         (truncated normal stddev 0.3; beta_a -0.5, beta_v 0.5).
+      variance_floor: added to every variance in the routing (the official 0.0005).
+      cost_scale: each parent's mass counts cost_scale times in its cost (1: the official
+        units, see `em_routing.conv_em_routing`).
 
     Weights: kernel `[kernel_size, kernel_size, input_types, num_capsules, 4, 4]`,
       beta_a and beta_v `[num_capsules]` (shared over positions).
@@ -304,6 +311,7 @@ class ConvMatrixCapsule(_RoutedMatrixCapsule):
         out_poses, out_activations = em_routing.conv_em_routing(
             votes, tf.cast(activations, self.variable_dtype), self.beta_v, self.beta_a,
             self.kernel_size, self.strides, self.num_routing, self.final_lambda,
+            self.variance_floor, self.cost_scale,
         )
         return tf.reshape(out_poses, [-1, *out_poses.shape[1:-1], *_POSE]), out_activations
 
@@ -335,6 +343,9 @@ class ClassMatrixCapsule(_RoutedMatrixCapsule):
       num_routing, final_lambda: as `ConvMatrixCapsule` (the official class layer
         uses a quarter of the conv layers' final_lambda).
       coordinate_addition: add the voters' positions to their votes.
+      variance_floor, cost_scale: as `ConvMatrixCapsule` (cost_scale 1: the paper's and
+        the official class layer's masses; IBM's port multiplies them by 100 / (children /
+        classes), see docs/em_routing.md).
       kernel_initializer, beta_a_initializer, beta_v_initializer: default "official"
         (truncated normal stddev 0.01; beta_a -1, beta_v 2).
 
@@ -393,7 +404,7 @@ class ClassMatrixCapsule(_RoutedMatrixCapsule):
         )
         out_poses, out_activations = em_routing.route_dense(
             votes, child_activations, self.beta_v, self.beta_a, self.num_routing,
-            self.final_lambda,
+            self.final_lambda, self.variance_floor, self.cost_scale,
         )
         return tf.reshape(out_poses, [-1, self.num_capsules, *_POSE]), out_activations
 

@@ -76,11 +76,16 @@ def inverse_temperatures(num_routing: int, final_lambda: float) -> list[float]:
     return [final_lambda * (1.0 - 0.95 ** (t + 1)) for t in range(num_routing)]
 
 
-def _check_routing_args(num_routing: int, final_lambda: float) -> None:
+def _check_routing_args(num_routing: int, final_lambda: float,
+                        variance_floor: float = VARIANCE_FLOOR, cost_scale: float = 1.0) -> None:
     if not isinstance(num_routing, int) or num_routing < 1:
         raise ValueError(f"num_routing must be a positive integer, got {num_routing!r}")
     if not final_lambda > 0:
         raise ValueError(f"final_lambda must be > 0, got {final_lambda!r}")
+    if not variance_floor > 0:
+        raise ValueError(f"variance_floor must be > 0, got {variance_floor!r}")
+    if not cost_scale > 0:
+        raise ValueError(f"cost_scale must be > 0, got {cost_scale!r}")
 
 
 def em_routing(
@@ -90,6 +95,8 @@ def em_routing(
     beta_a: tf.Tensor,
     num_routing: int = 3,
     final_lambda: float = 0.01,
+    variance_floor: float = VARIANCE_FLOOR,
+    cost_scale: float = 1.0,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """EM routing, fully connected: every child votes for every parent.
 
@@ -100,6 +107,9 @@ def em_routing(
         docstring for their scales).
       num_routing: EM iterations (M-steps), >= 1.
       final_lambda: the inverse temperature's final value.
+      variance_floor: added to every variance (the official 0.0005).
+      cost_scale: s of the module docstring, each parent's mass counted this many times
+        in its cost (1: the paper).
 
     Returns:
       poses `[batch, output_dim, 16]` (mu of the last M-step) and activations
@@ -118,20 +128,22 @@ def em_routing(
     activations = tf.convert_to_tensor(activations, votes.dtype)
     return route_dense(
         tf.transpose(votes, [0, 2, 1, 3]), activations[:, None, :], beta_v, beta_a,
-        num_routing, final_lambda,
+        num_routing, final_lambda, variance_floor, cost_scale,
     )
 
 
-def route_dense(votes, child_activations, beta_v, beta_a, num_routing, final_lambda):
+def route_dense(votes, child_activations, beta_v, beta_a, num_routing, final_lambda,
+                variance_floor=VARIANCE_FLOOR, cost_scale=1.0):
     """EM routing of votes already in the routing layout (no transpose).
 
     votes `[batch, output_dim, input_dim, 16]`, child_activations `[batch, 1, input_dim]`;
-    returns as `em_routing`.
+    the other arguments and the result as `em_routing`.
     """
-    _check_routing_args(num_routing, final_lambda)
+    _check_routing_args(num_routing, final_lambda, variance_floor, cost_scale)
     return _route(
         votes, child_activations, _as_vector(beta_v, votes), _as_vector(beta_a, votes),
         inverse_temperatures(num_routing, final_lambda), _softmax_over_parents,
+        mass_scale=float(cost_scale), variance_floor=float(variance_floor),
     )
 
 
@@ -144,6 +156,8 @@ def conv_em_routing(
     strides: int,
     num_routing: int = 3,
     final_lambda: float = 0.01,
+    variance_floor: float = VARIANCE_FLOOR,
+    cost_scale: float = 1.0,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """EM routing of a "VALID" convolutional capsule layer.
 
@@ -160,13 +174,14 @@ def conv_em_routing(
       activations: `[batch, height, width, input_dim]`, the children's a_i.
       beta_v, beta_a: `[output_dim]`, shared over positions.
       kernel_size, strides: of the convolution ("VALID").
-      num_routing, final_lambda: as `em_routing`.
+      num_routing, final_lambda, variance_floor: as `em_routing`.
+      cost_scale: multiplies the official units of mass in the cost (1: the official).
 
     Returns:
       poses `[batch, out_height, out_width, output_dim, 16]` and activations
       `[batch, out_height, out_width, output_dim]`.
     """
-    _check_routing_args(num_routing, final_lambda)
+    _check_routing_args(num_routing, final_lambda, variance_floor, cost_scale)
     votes = tf.convert_to_tensor(votes)
     activations = tf.convert_to_tensor(activations, votes.dtype)
     _, height, width, input_dim = activations.shape
@@ -191,7 +206,9 @@ def conv_em_routing(
         _as_vector(beta_a, votes),
         inverse_temperatures(num_routing, final_lambda),
         grid.normalise,
-        mass_scale=float(output_dim),  # the official units of mass (see BETA_A_SCALE)
+        # The official units of mass (see BETA_A_SCALE).
+        mass_scale=float(output_dim) * cost_scale,
+        variance_floor=float(variance_floor),
     )
     return (
         tf.reshape(poses, [-1, out_height, out_width, output_dim, POSE_SIZE]),
@@ -276,7 +293,8 @@ def _softmax_over_parents(logits: tf.Tensor) -> tf.Tensor:
     return exp / tf.reduce_sum(exp, axis=-2, keepdims=True)
 
 
-def _m_step(stats, weights, beta_v, beta_a, inverse_temperature, mass_scale, center):
+def _m_step(stats, weights, beta_v, beta_a, inverse_temperature, mass_scale, center,
+            variance_floor):
     """Parents' (mu, sigma2, activation logit) from the routed sums of votes taken
     relative to `center`.
 
@@ -291,7 +309,7 @@ def _m_step(stats, weights, beta_v, beta_a, inverse_temperature, mass_scale, cen
     mean = (sums - _MASS_EPSILON * center) / mass
     # sum_i r (V' - mu)^2 expanded; it can round below zero for near-identical votes.
     deviations = tf.nn.relu(squares - 2.0 * mean * sums + tf.square(mean) * total)
-    variance = deviations / mass + VARIANCE_FLOOR
+    variance = deviations / mass + variance_floor
     cost = mass_scale * mass[..., 0] * tf.reduce_sum(
         BETA_V_SCALE * beta_v[:, None] + 0.5 * tf.math.log(variance), axis=-1
     )
@@ -312,11 +330,11 @@ def _e_step_terms(mean, variance, logit):
 
 
 def _iteration_outputs(stats, weights, beta_v, beta_a, inverse_temperature, mass_scale, center,
-                       last):
+                       variance_floor, last):
     """What an iteration hands on: (mu, a) after the last M-step, else the E-step's (w, bias),
     mu relative to center."""
     mean, variance, logit = _m_step(
-        stats, weights, beta_v, beta_a, inverse_temperature, mass_scale, center
+        stats, weights, beta_v, beta_a, inverse_temperature, mass_scale, center, variance_floor
     )
     if last:
         return mean, tf.sigmoid(logit)
@@ -335,11 +353,12 @@ def _route(
     inverse_temperatures: list[float],
     normalise: Callable[[tf.Tensor], tf.Tensor],
     mass_scale: float = 1.0,
+    variance_floor: float = VARIANCE_FLOOR,
 ):
     """The EM iterations on votes `[*groups, C, N, 16]`, children's a `[*groups, 1, N]`.
 
     normalise: routing logits `[*groups, C, N]` -> assignment probabilities R;
-    mass_scale: s of the module docstring.
+    mass_scale: s of the module docstring; variance_floor: added to every variance.
     Returns mu `[*groups, C, 16]` and a `[*groups, C]`.
 
     Gradient: no stop_gradient anywhere (as the official code), written out: the
@@ -363,7 +382,7 @@ def _route(
     def iteration_outputs(t, stats, weights, beta_v, beta_a):
         return _iteration_outputs(
             stats, weights, beta_v, beta_a, inverse_temperatures[t], mass_scale, center,
-            t == num_routing - 1,
+            variance_floor, t == num_routing - 1,
         )
 
     @tf.custom_gradient

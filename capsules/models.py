@@ -597,25 +597,35 @@ class EMCapsNet(_ReferenceModel):
         hp = self.hparams
         # The official simple_model.add_convs: truncated normal 0.05, biases 0.1.
         self.conv1 = keras.layers.Conv2D(
-            hp.conv1_channels, 5, strides=2, padding="valid", activation="relu",
+            hp.conv1_channels, 5, strides=2, padding="valid",
+            activation=None if hp.conv1_batch_norm else "relu",
             kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.05),
             bias_initializer=keras.initializers.Constant(0.1), dtype=self.dtype_policy,
             name="conv1",
         )
+        self.conv1_norm = keras.layers.BatchNormalization(
+            epsilon=1e-3, dtype=self.dtype_policy, name="conv1_norm"
+        ) if hp.conv1_batch_norm else None
         self.primary_capsules = em_layers.PrimaryMatrixCapsule(
             hp.primary_capsules, dtype=self.dtype_policy, name="primary_capsules"
         )
+        routed = dict(
+            num_routing=hp.routing, variance_floor=hp.variance_floor, dtype=self.dtype_policy,
+        )
+        conv_kernels = dict(kernel_initializer=keras.initializers.TruncatedNormal(
+            stddev=hp.conv_kernel_stddev), final_lambda=hp.final_lambda, **routed)
         self.conv_capsules1 = em_layers.ConvMatrixCapsule(
-            hp.conv_capsules1, kernel_size=3, strides=2, num_routing=hp.routing,
-            final_lambda=hp.final_lambda, dtype=self.dtype_policy, name="conv_capsules1",
+            hp.conv_capsules1, kernel_size=3, strides=2, name="conv_capsules1", **conv_kernels
         )
         self.conv_capsules2 = em_layers.ConvMatrixCapsule(
-            hp.conv_capsules2, kernel_size=3, strides=1, num_routing=hp.routing,
-            final_lambda=hp.final_lambda, dtype=self.dtype_policy, name="conv_capsules2",
+            hp.conv_capsules2, kernel_size=3, strides=1, name="conv_capsules2", **conv_kernels
         )
         self.class_capsules = em_layers.ClassMatrixCapsule(
-            num_classes, num_routing=hp.routing, coordinate_addition=hp.coordinate_addition,
-            final_lambda=hp.class_final_lambda, dtype=self.dtype_policy, name="class_capsules",
+            num_classes, coordinate_addition=hp.coordinate_addition,
+            final_lambda=hp.class_final_lambda, cost_scale=hp.class_cost_scale,
+            kernel_initializer=keras.initializers.TruncatedNormal(
+                stddev=hp.class_kernel_stddev),
+            name="class_capsules", **routed,
         )
         self.build((None, *input_shape))
 
@@ -627,6 +637,8 @@ class EMCapsNet(_ReferenceModel):
     def build(self, input_shape):
         self.conv1.build(input_shape)
         shape = self.conv1.compute_output_shape(input_shape)
+        if self.conv1_norm is not None:
+            self.conv1_norm.build(shape)
         for layer in self.capsule_layers:
             layer.build(shape)
             shape = layer.compute_output_shape(shape)
@@ -648,6 +660,8 @@ class EMCapsNet(_ReferenceModel):
         """Class capsules of images: poses `[batch, num_classes, 4, 4]` and activations
         `[batch, num_classes]`."""
         capsules = self.conv1(images, training=training)
+        if self.conv1_norm is not None:
+            capsules = tf.nn.relu(self.conv1_norm(capsules, training=training))
         for layer in self.capsule_layers:
             capsules = layer(capsules, training=training)
         return capsules

@@ -19,11 +19,12 @@ from capsules.em_routing import ChildGrid
 
 
 def _plain_route(votes, child_activations, beta_v, beta_a, num_routing, final_lambda,
-                 normalise, mass_scale=1.0):
+                 normalise, mass_scale=1.0, variance_floor=em_routing.VARIANCE_FLOOR):
     """EM iterations on votes `[*groups, children, parents, 16]`, a `[*groups, children, 1]`.
 
     normalise: logits `[*groups, children, parents]` -> assignment probabilities;
-    mass_scale: capsules/em_routing.py's s (output types of a convolution, else 1).
+    mass_scale: capsules/em_routing.py's s (output types of a convolution times the
+    cost_scale, else the cost_scale).
     """
     routes = normalise(tf.zeros_like(votes[..., 0]))
     for t, inverse_temperature in enumerate(
@@ -35,7 +36,7 @@ def _plain_route(votes, child_activations, beta_v, beta_a, num_routing, final_la
         deviation = votes - mean[..., None, :, :]
         variance = (
             tf.reduce_sum(weights * tf.square(deviation), axis=-3) / mass
-            + em_routing.VARIANCE_FLOOR
+            + variance_floor
         )
         cost = mass_scale * mass[..., 0] * tf.reduce_sum(
             em_routing.BETA_V_SCALE * beta_v[:, None] + 0.5 * tf.math.log(variance), axis=-1
@@ -52,19 +53,21 @@ def _plain_route(votes, child_activations, beta_v, beta_a, num_routing, final_la
     raise ValueError("num_routing must be >= 1")
 
 
-def plain_em_routing(votes, activations, beta_v, beta_a, num_routing=3, final_lambda=0.01):
+def plain_em_routing(votes, activations, beta_v, beta_a, num_routing=3, final_lambda=0.01,
+                     variance_floor=em_routing.VARIANCE_FLOOR, cost_scale=1.0):
     """`capsules.ops.em_routing` written straightforwardly.
 
     votes `[batch, input_dim, output_dim, 16]`, activations `[batch, input_dim]`.
     """
     return _plain_route(
         votes, activations[:, :, None], beta_v, beta_a, num_routing, final_lambda,
-        lambda logits: tf.nn.softmax(logits, axis=-1),
+        lambda logits: tf.nn.softmax(logits, axis=-1), cost_scale, variance_floor,
     )
 
 
 def plain_conv_em_routing(votes, activations, beta_v, beta_a, kernel_size, strides,
-                          num_routing=3, final_lambda=0.01):
+                          num_routing=3, final_lambda=0.01,
+                          variance_floor=em_routing.VARIANCE_FLOOR, cost_scale=1.0):
     """`capsules.ops.conv_em_routing` written straightforwardly.
 
     votes `[batch, out_height, out_width, k^2 * input_dim, output_dim, 16]` (children
@@ -83,7 +86,7 @@ def plain_conv_em_routing(votes, activations, beta_v, beta_a, kernel_size, strid
     child_activations = tf.transpose(grid.child_activations(activations), [0, 1, 3, 2])
     poses, parent_activations = _plain_route(
         flat, child_activations, beta_v, beta_a, num_routing, final_lambda, normalise,
-        mass_scale=output_dim,
+        mass_scale=output_dim * cost_scale, variance_floor=variance_floor,
     )
     return (tf.reshape(poses, [batch, out_height, out_width, output_dim, 16]),
             tf.reshape(parent_activations, [batch, out_height, out_width, output_dim]))
@@ -121,18 +124,21 @@ def plain_class_votes(poses, kernel, coordinate_addition):
 def plain_logits(model, images):
     """EMCapsNet's class activations computed by the plain formulation, the model's weights."""
     hp = model.hparams
-    poses, activations = model.primary_capsules(model.conv1(images))
+    features = model.conv1(images)
+    if model.conv1_norm is not None:
+        features = tf.nn.relu(model.conv1_norm(features))
+    poses, activations = model.primary_capsules(features)
     for layer in (model.conv_capsules1, model.conv_capsules2):
         votes = plain_conv_votes(poses, layer.kernel, layer.kernel_size, layer.strides)
         poses, activations = plain_conv_em_routing(
             votes, activations, layer.beta_v, layer.beta_a, layer.kernel_size, layer.strides,
-            hp.routing, hp.final_lambda,
+            hp.routing, hp.final_lambda, layer.variance_floor, layer.cost_scale,
         )
         poses = tf.reshape(poses, [-1, *poses.shape[1:-1], 4, 4])
     layer = model.class_capsules
     votes = plain_class_votes(poses, layer.kernel, layer.coordinate_addition)
     _, class_activations = plain_em_routing(
         votes, tf.reshape(activations, [-1, votes.shape[1]]), layer.beta_v, layer.beta_a,
-        hp.routing, hp.class_final_lambda,
+        hp.routing, hp.class_final_lambda, layer.variance_floor, layer.cost_scale,
     )
     return class_activations

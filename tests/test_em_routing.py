@@ -96,13 +96,20 @@ def _gradients(routing, *tensors):
     return [poses, activations], tape.gradient(loss, tensors)
 
 
+# The official variance floor and cost scale, and a recipe's (docs/em_routing.md).
+DEPARTURES = [{}, {"variance_floor": 1e-8, "cost_scale": 7.0}]
+
+
 @pytest.mark.parametrize("num_routing", [1, 2, 3])
-def test_dense_gradient_equals_autodiff_of_the_plain_loop(num_routing):
+@pytest.mark.parametrize("departures", DEPARTURES)
+def test_dense_gradient_equals_autodiff_of_the_plain_loop(num_routing, departures):
     case = _dense_case(4)
     outputs, grads = _gradients(
-        lambda *t: ops.em_routing(*t, num_routing=num_routing, final_lambda=0.05), *case)
+        lambda *t: ops.em_routing(*t, num_routing=num_routing, final_lambda=0.05,
+                                  **departures), *case)
     plain_outputs, plain_grads = _gradients(
-        lambda *t: plain_em_routing(*t, num_routing=num_routing, final_lambda=0.05), *case)
+        lambda *t: plain_em_routing(*t, num_routing=num_routing, final_lambda=0.05,
+                                    **departures), *case)
     for got, want in zip(outputs + grads, plain_outputs + plain_grads, strict=True):
         scale = np.abs(want.numpy()).max()
         np.testing.assert_allclose(got, want, atol=2e-4 * scale + 1e-7)
@@ -110,15 +117,17 @@ def test_dense_gradient_equals_autodiff_of_the_plain_loop(num_routing):
 
 @pytest.mark.parametrize("num_routing", [1, 3])
 @pytest.mark.parametrize("strides", [1, 2])
-def test_conv_gradient_equals_autodiff_of_the_plain_loop(num_routing, strides):
+@pytest.mark.parametrize("departures", DEPARTURES)
+def test_conv_gradient_equals_autodiff_of_the_plain_loop(num_routing, strides, departures):
     votes, activations, beta_v, beta_a = _conv_case(6, strides=strides)
     plain_votes = np.moveaxis(votes, 3, 4)  # the plain form takes children before parents
 
     def package(v, a, bv, ba):
-        return ops.conv_em_routing(v, a, bv, ba, 3, strides, num_routing, 0.05)
+        return ops.conv_em_routing(v, a, bv, ba, 3, strides, num_routing, 0.05, **departures)
 
     def plain(v, a, bv, ba):
-        return plain_conv_em_routing(v, a, bv, ba, 3, strides, num_routing, 0.05)
+        return plain_conv_em_routing(v, a, bv, ba, 3, strides, num_routing, 0.05,
+                                     **departures)
 
     outputs, grads = _gradients(package, votes, activations, beta_v, beta_a)
     plain_outputs, plain_grads = _gradients(plain, plain_votes, activations, beta_v, beta_a)
@@ -160,6 +169,10 @@ def test_bad_arguments_raise():
     votes, activations, beta_v, beta_a = _dense_case()
     with pytest.raises(ValueError, match="num_routing must be a positive integer, got 0"):
         ops.em_routing(votes, activations, beta_v, beta_a, num_routing=0)
+    with pytest.raises(ValueError, match="variance_floor must be > 0, got 0"):
+        ops.em_routing(votes, activations, beta_v, beta_a, variance_floor=0)
+    with pytest.raises(ValueError, match="cost_scale must be > 0, got -1"):
+        ops.em_routing(votes, activations, beta_v, beta_a, cost_scale=-1)
     with pytest.raises(ValueError, match=r"votes must be \[batch, input_dim, output_dim, 16\]"):
         ops.em_routing(votes[..., :8], activations, beta_v, beta_a)
     conv_votes, conv_activations, beta_v, beta_a = _conv_case()
