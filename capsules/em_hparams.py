@@ -1,4 +1,5 @@
-"""Hyper-parameters of the EM capsule network (EMCapsNet), the official capsule_em defaults."""
+"""Hyper-parameters of the EM capsule network (EMCapsNet): a recipe that learns, the official
+capsule_em numbers one preset away."""
 
 from __future__ import annotations
 
@@ -10,13 +11,20 @@ from capsules.hparams import ValidatedHParams
 
 @dataclasses.dataclass(frozen=True)
 class EMHParams(ValidatedHParams):
-    """EMCapsNet's hyper-parameters; defaults are the official experiment.py flags'.
+    """EMCapsNet's hyper-parameters.
+
+    The defaults are the official experiment.py flags' except where the official numbers
+    barely learn (measured on MNIST: docs/em_routing.md, "Departures", and benchmarks/README.md,
+    "EM recipe probes"): the variance floor, the transformation matrices' initial scale,
+    the class layer's cost scale and the routing iterations. `preset=smallnorb_official`
+    (`EMHParams.preset("smallnorb_official")`) restores every official value;
+    `preset=mnist_small` is the paper's small model (A=64, B=8, C=D=16) with the defaults.
 
     Attributes:
       conv1_channels, primary_capsules, conv_capsules1, conv_capsules2: A, B, C and D
         of the paper (32 each, 316,650 parameters on smallNORB; the paper's small
         model is 64, 8, 16, 16).
-      routing: EM iterations of the three routed layers (3).
+      routing: EM iterations of the three routed layers (the official 3).
       final_lambda: final inverse temperature of the convolutional capsule layers: 0.02,
         the official --final_beta=0.01 applied to its cost in ln sigma^2, twice the
         paper's ln sigma used here, so that the activation logits are the official's.
@@ -31,11 +39,12 @@ class EMHParams(ValidatedHParams):
       learning_rate, decay_rate, decay_steps: Adam's learning rate is
         learning_rate * decay_rate^(step / decay_steps) (0.01, 0.96, 20,000).
       gradient_clip: every gradient element is clipped to [-gradient_clip, gradient_clip] (200).
-      variance_floor: added to every variance in the routing (the official 0.0005).
+      variance_floor: added to every variance in the routing (the official 0.0005, against
+        which the class votes of the official initial scale vanish).
       class_cost_scale: the class layer counts each class's mass this many times in its
         cost (1: the paper and the official code; IBM's port 100 / (children / classes)).
       conv_kernel_stddev, class_kernel_stddev: initial transformation matrices, truncated
-        normal (the official 0.3 and 0.01).
+        normal (the official 0.3 and 0.01; the PyTorch ports draw N(0, 1)).
       conv1_batch_norm: batch normalisation between conv1 and its ReLU (the official: none).
     """
 
@@ -43,7 +52,7 @@ class EMHParams(ValidatedHParams):
     primary_capsules: int = 32
     conv_capsules1: int = 32
     conv_capsules2: int = 32
-    routing: int = 3
+    routing: int = 2
     final_lambda: float = 0.02
     class_final_lambda: float = 0.005
     coordinate_addition: bool = True
@@ -55,11 +64,22 @@ class EMHParams(ValidatedHParams):
     decay_rate: float = 0.96
     decay_steps: int = 20_000
     gradient_clip: float = 200.0
-    variance_floor: float = 0.0005
+    variance_floor: float = 1e-8
     class_cost_scale: float = 1.0
-    conv_kernel_stddev: float = 0.3
-    class_kernel_stddev: float = 0.01
+    conv_kernel_stddev: float = 1.0
+    class_kernel_stddev: float = 1.0
     conv1_batch_norm: bool = False
+
+    # The official capsule_em values of the fields whose defaults depart from them.
+    _OFFICIAL: ClassVar[dict] = {
+        "routing": 3, "variance_floor": 0.0005, "class_cost_scale": 1.0,
+        "conv_kernel_stddev": 0.3, "class_kernel_stddev": 0.01,
+    }
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "smallnorb_official": _OFFICIAL,
+        "mnist_small": {"conv1_channels": 64, "primary_capsules": 8, "conv_capsules1": 16,
+                        "conv_capsules2": 16},
+    }
 
     _POSITIVE: ClassVar[tuple] = (
         "conv1_channels", "primary_capsules", "conv_capsules1", "conv_capsules2", "routing",

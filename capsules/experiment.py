@@ -53,7 +53,10 @@ def define_flags(values: flags.FlagValues = FLAGS) -> None:
            "--dataset=multimnist: the MNIST IDX files' directory).")
     integer("eval_size", 10000, "Size of the test dataset.", lower_bound=1)
     string("hparams_override", None,
-           "A string of form key=value,key=value to override the hparams of this experiment.")
+           "A string of form key=value,key=value to override the hparams of this experiment. "
+           "--model=em also takes preset=NAME, applied first: smallnorb_official (every "
+           "official capsule_em value) or mnist_small (the paper's small model with the "
+           "default recipe); see docs/em_routing.md.")
     integer("max_steps", 1000, "Number of steps to train.", lower_bound=0)
     enum("model", "capsule", ["capsule", "baseline", "em"], "The model to use.")
     enum("dataset", "mnist", ["mnist", "multimnist", "norb", "cifar10"],

@@ -11,12 +11,23 @@ class ValidatedHParams:
     """Checks shared by the hyper-parameter dataclasses (HParams, EMHParams).
 
     A frozen dataclass subclass declares its fields with defaults (whose types
-    are the expected ones), `_CHOICES` (field -> allowed values) and `_POSITIVE`
-    (fields that must be > 0).
+    are the expected ones), `_CHOICES` (field -> allowed values), `_POSITIVE`
+    (fields that must be > 0) and `PRESETS` (name -> the fields that differ from the
+    defaults in that named set, chosen with `preset=NAME` in the overrides).
     """
 
     _CHOICES: ClassVar[dict] = {}
     _POSITIVE: ClassVar[tuple] = ()
+    PRESETS: ClassVar[dict[str, dict]] = {}
+
+    @classmethod
+    def preset(cls, name: str):
+        """The hyper-parameters of the preset `name` (ValueError naming the known ones)."""
+        if name not in cls.PRESETS:
+            known = ", ".join(cls.PRESETS) or "none"
+            raise ValueError(f"hparam preset={name!r}: unknown preset; {cls.__name__} has: "
+                             f"{known}")
+        return cls(**cls.PRESETS[name])
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -98,6 +109,10 @@ class HParams(ValidatedHParams):
     )
 
 
+# The override key that chooses a named set of hyper-parameters.
+PRESET = "preset"
+
+
 def _names(cls: type) -> list[str]:
     return [field.name for field in dataclasses.fields(cls)]
 
@@ -127,19 +142,25 @@ def _parse_value(cls: type, name: str, text: str):
 def parse_overrides(hparams: ValidatedHParams, overrides: str | None) -> ValidatedHParams:
     """Applies "key=value,key=value" (the reference's --hparams_override) to `hparams`.
 
-    Returns new HParams; raises ValueError naming the key for an unknown key, a
-    malformed pair or a value of the wrong type or out of range.
+    `preset=NAME`, wherever it stands, first replaces every field with the preset's
+    (`ValidatedHParams.PRESETS`); the other pairs then apply to it.
+    Returns new HParams; raises ValueError naming the key for an unknown key or
+    preset, a malformed pair or a value of the wrong type or out of range.
     """
     if not overrides:
         return hparams
-    changes = {}
+    cls = type(hparams)
+    changes, preset = {}, None
     for pair in overrides.split(","):
         key, sep, value = pair.partition("=")
         key = key.strip()
         if not sep or not key:
             raise ValueError(f"hparams override {pair!r}: expected key=value")
-        names = _names(type(hparams))
+        names = _names(cls) + ([PRESET] if cls.PRESETS else [])
         if key not in names:
             raise ValueError(f"unknown hparam {key!r}; allowed: {', '.join(names)}")
-        changes[key] = _parse_value(type(hparams), key, value)
-    return hparams.replace(**changes)
+        if key == PRESET:
+            preset = value.strip()
+        else:
+            changes[key] = _parse_value(cls, key, value)
+    return (cls.preset(preset) if preset else hparams).replace(**changes)

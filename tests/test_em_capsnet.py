@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from capsules import losses, parse_overrides
+from capsules import em_layers, em_routing, losses, parse_overrides
 from capsules.em_hparams import EMHParams
 from capsules.models import MODELS, EMCapsNet
 from tests.em_reference_tf import plain_logits
@@ -19,9 +19,10 @@ NORB = ROOT.parent / "shared" / "testdata" / "official" / "norb"
 TINY = "conv1_channels=4,primary_capsules=3,conv_capsules1=3,conv_capsules2=3,routing=2"
 
 
-def _tiny(dtype=None, **changes):
+def _tiny(dtype=None, preset=None, **changes):
     """A 20x20x1 EMCapsNet (8x8 -> 3x3 -> 1x1 capsule grids) of 3-type layers."""
-    return EMCapsNet(parse_overrides(EMHParams(), TINY).replace(**changes),
+    hparams = EMHParams.preset(preset) if preset else EMHParams()
+    return EMCapsNet(parse_overrides(hparams, TINY).replace(**changes),
                      input_shape=(20, 20, 1), num_classes=4, dtype=dtype)
 
 
@@ -36,8 +37,10 @@ def _batch(n=8, seed=0):
 def test_parameter_count_is_the_official_models(input_shape, num_classes, expected):
     # conv1 5*5*depth*32 + 32, primary 32 * (512 + 32), two conv capsule layers
     # 3*3*32*32*16 + 64 each, class capsules 32 * classes * 16 + 2 * classes.
-    model = EMCapsNet(input_shape=input_shape, num_classes=num_classes)
+    model = EMCapsNet(EMHParams.preset("smallnorb_official"), input_shape=input_shape,
+                      num_classes=num_classes)
     assert model.count_params() == expected
+    assert EMCapsNet(input_shape=input_shape, num_classes=num_classes).count_params() == expected
     assert (5 * 5 * input_shape[2] * 32 + 32) + 32 * 544 + 2 * (9 * 32 * 32 * 16 + 64) + (
         32 * num_classes * 16 + 2 * num_classes) == expected
 
@@ -53,6 +56,48 @@ def test_registered_for_experiment_and_the_defaults():
         parse_overrides(EMHParams(), "routing_iterations=2")
     with pytest.raises(ValueError, match="margin_start=0.95, margin_end=0.9"):
         EMHParams(margin_start=0.95)
+
+
+def test_presets_and_the_official_values():
+    official = EMHParams.preset("smallnorb_official")
+    # Every departure of the defaults switches off to the official value.
+    assert (official.routing, official.variance_floor, official.class_cost_scale,
+            official.conv_kernel_stddev, official.class_kernel_stddev,
+            official.conv1_batch_norm) == (3, em_routing.VARIANCE_FLOOR, 1.0, 0.3, 0.01, False)
+    departures = {name for name, value in EMHParams().to_dict().items()
+                  if value != official.to_dict()[name]}
+    assert departures == {"routing", "variance_floor", "conv_kernel_stddev",
+                          "class_kernel_stddev"} | (
+        {"class_cost_scale"} if EMHParams().class_cost_scale != 1.0 else set())
+    model = EMCapsNet(official)
+    routed = [model.conv_capsules1, model.conv_capsules2, model.class_capsules]
+    assert [layer.variance_floor for layer in routed] == [em_routing.VARIANCE_FLOOR] * 3
+    assert [layer.cost_scale for layer in routed] == [1.0] * 3
+    # The layers' own "official" initial scales.
+    assert [layer.kernel_initializer.stddev for layer in routed] == [
+        em_layers.ConvMatrixCapsule._KERNEL_STDDEV] * 2 + [
+        em_layers.ClassMatrixCapsule._KERNEL_STDDEV]
+    assert model.conv1_norm is None
+
+    small = parse_overrides(EMHParams(), "routing=3,preset=mnist_small")  # preset first
+    assert small == EMHParams.preset("mnist_small").replace(routing=3)
+    assert (small.conv1_channels, small.primary_capsules, small.conv_capsules1,
+            small.conv_capsules2) == (64, 8, 16, 16)
+    with pytest.raises(ValueError, match="preset='norb': unknown preset; EMHParams has: "
+                                         "smallnorb_official, mnist_small"):
+        parse_overrides(EMHParams(), "preset=norb")
+
+
+def test_batch_norm_after_conv1():
+    model = _tiny(conv1_batch_norm=True)
+    images, labels = _batch(4)
+    assert model.conv1.activation is keras.activations.linear
+    model.compile()
+    moving_mean = model.conv1_norm.moving_mean.numpy().copy()
+    model.fit(images, labels, batch_size=4, epochs=1, verbose=0)
+    assert not np.allclose(model.conv1_norm.moving_mean.numpy(), moving_mean)
+    np.testing.assert_allclose(plain_logits(model, images), model(images), rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_spread_loss_matches_its_definition():
@@ -108,9 +153,11 @@ def test_config_and_keras_round_trips(tmp_path):
 
 
 @pytest.mark.slow
-def test_fit_lowers_the_spread_loss_without_nan():
+@pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16"])
+def test_fit_lowers_the_spread_loss_without_nan(dtype):
+    # The defaults: the recipe (docs/em_routing.md).
     keras.utils.set_random_seed(0)
-    model = _tiny(margin_start=0.9)  # a fixed margin: losses comparable across steps
+    model = _tiny(dtype, margin_start=0.9)  # a fixed margin: losses comparable across steps
     model.compile()
     images, labels = _batch(16)
     before = float(model.compute_losses((images, labels))["classification_loss"])
@@ -166,7 +213,8 @@ def test_float32_gradients_keep_their_precision():
     # ~1e-10 against 2e-2 for the class beta_a; routed sums of raw [V, V^2] then lost the
     # betas' gradients entirely in float32 (errors several times their size).
     keras.utils.set_random_seed(3)
-    model, model64 = _tiny(), _tiny(dtype="float64")
+    model, model64 = _tiny(preset="smallnorb_official"), _tiny(
+        dtype="float64", preset="smallnorb_official")
     for weight, weight64 in zip(model.weights, model64.weights, strict=True):
         weight64.assign(weight.numpy().astype(np.float64))
     images = np.random.default_rng(3).random((8, 20, 20, 1))
@@ -176,3 +224,25 @@ def test_float32_gradients_keep_their_precision():
     for variable, g, w in zip(model.trainable_variables, got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=0, atol=0.1 * np.abs(w).max(),
                                    err_msg=variable.path)
+
+
+@pytest.mark.slow
+def test_a_preset_round_trips_through_the_run_file(tmp_path):
+    from input_data.mnist import mnist_shift
+    from input_data.mnist.record_names import record_name
+    from tests.test_input_mnist import digits
+
+    mnist_shift.write_single(digits(8, seed=1), np.arange(8) % 10,
+                             str(tmp_path / record_name("train", 0)), 0, 0)
+    override = f"preset=smallnorb_official,{TINY}"
+    result = subprocess.run(
+        [sys.executable, "experiment.py", "--model=em", f"--data_dir={tmp_path}",
+         f"--summary_dir={tmp_path / 'run'}", "--random_shift=2", "--batch_size=4",
+         "--max_steps=1", f"--hparams_override={override}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from capsules.checkpoints import load_model
+
+    model = load_model(str(tmp_path / "run" / "train" / "model.ckpt-1"))
+    assert model.hparams == parse_overrides(EMHParams(), override)
+    assert model.hparams.variance_floor == em_routing.VARIANCE_FLOOR != EMHParams().variance_floor

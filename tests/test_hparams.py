@@ -38,6 +38,7 @@ def test_parse_overrides_returns_new_hparams():
         ("decay_rate=-inf", "decay_rate=-inf: must be finite"),
         ("routing", "'routing': expected key=value"),
         ("loss_form=blog", "loss_form='blog'"),
+        ("preset=mnist_small", "unknown hparam 'preset'"),  # CapsNet has no presets
     ],
 )
 def test_bad_overrides_name_the_key(overrides, message):
