@@ -88,11 +88,10 @@ def assert_moved(run: Path, step: int) -> None:
     assert kernels and all(not np.array_equal(start[n], end[n]) for n in kernels)
 
 
-@pytest.mark.parametrize("model", [(CAPSULE, "--random_shift=2"), (*EM, "--random_shift=2")],
-                         ids=["capsnet", "emcapsnet"])
-def test_two_runs_of_one_command_give_equal_checkpoints(data, tmp_path, model):
+def test_two_runs_of_one_command_give_equal_checkpoints(data, tmp_path):
+    # (EMCapsNet's runs are compared bit for bit by the resume test below.)
     for name in ("a", "b"):
-        train(data, tmp_path / name, "--max_steps=2", *model)
+        train(data, tmp_path / name, "--max_steps=2", CAPSULE, "--random_shift=2")
     assert_moved(tmp_path / "a", 2)
     assert_equal_runs(tmp_path / "b", tmp_path / "a", 1, exact=True)
     assert_equal_runs(tmp_path / "b", tmp_path / "a", 2, exact=True)
