@@ -23,23 +23,24 @@ docs/em_routing.md lists each departure and why.
 
 Layout. Votes are routed as `[*groups, parents, children, 16]`: for every group
 (batch; batch and output position for a convolution) the M-step's sums over the
-children are one matrix product [1, children] x [children, 32] of the routes with
-the votes and their squares (votes taken relative to their mean over the parent's
+children are matrix products [1, children] x [children, 16] of the routes with the
+votes and with their squares (votes taken relative to their mean over the parent's
 children, so that the sums keep float32 precision), and the E-step's squared
-distances one product [children, 32] x [32, 1] of the same tensor with
-(-2 mu / sigma2, 1 / sigma2). The
-convolutional E-step normalises each child over all parents that receive its votes
+distances [V, V^2] . (-2 mu / sigma2, 1 / sigma2) one elementwise pass over the votes.
+The convolutional E-step normalises each child over all parents that receive its votes
 (all output types at all covering positions, any stride) with segment sums over
 the flat child index of every (output position, kernel offset): tensors of 1/16 of
 the votes' size per output type, no tiles. The gradient is written out
-(`_route`): one matrix product forms the votes' gradient, instead of 2 num_routing - 1
-votes-sized outer products that autodiff would add up.
+(`_route`): one elementwise pass forms the votes' gradient, instead of 2 num_routing - 1
+votes-sized outer products that autodiff would add up. The iterations and their gradient
+run XLA-compiled where the votes are large (`_Iterations`): XLA fuses the small
+per-parent and per-route operations and each distance's products with its sum
+(benchmarks/README.md has the timings).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import tensorflow as tf
 
@@ -142,7 +143,7 @@ def route_dense(votes, child_activations, beta_v, beta_a, num_routing, final_lam
     _check_routing_args(num_routing, final_lambda, variance_floor, cost_scale)
     return _route(
         votes, child_activations, _as_vector(beta_v, votes), _as_vector(beta_a, votes),
-        inverse_temperatures(num_routing, final_lambda), _softmax_over_parents,
+        inverse_temperatures(num_routing, final_lambda), grid=None,
         mass_scale=float(cost_scale), variance_floor=float(variance_floor),
     )
 
@@ -205,7 +206,7 @@ def conv_em_routing(
         _as_vector(beta_v, votes),
         _as_vector(beta_a, votes),
         inverse_temperatures(num_routing, final_lambda),
-        grid.normalise,
+        grid,
         # The official units of mass (see BETA_A_SCALE).
         mass_scale=float(output_dim) * cost_scale,
         variance_floor=float(variance_floor),
@@ -225,6 +226,7 @@ class ChildGrid:
     """
 
     def __init__(self, height: int, width: int, input_dim: int, kernel_size: int, strides: int):
+        self.args = (height, width, input_dim, kernel_size, strides)
         self.height, self.width, self.input_dim = height, width, input_dim
         self.kernel_area = kernel_size * kernel_size
         indices = patch_indices(height, width, kernel_size, strides)
@@ -318,15 +320,20 @@ def _m_step(stats, weights, beta_v, beta_a, inverse_temperature, mass_scale, cen
 
 def _e_step_terms(mean, variance, logit):
     """(w `[..., C, 32]`, bias `[..., C]`) such that
-    ln a_j + ln N(V_ij; mu_j, sigma2_j) = bias_j - [V_ij, V_ij^2] . w_j / 2."""
+    ln a_j + ln N(V_ij; mu_j, sigma2_j) = bias_j - [V_ij, V_ij^2] . w_j / 2.
+
+    The bias is summed in float64: its 16 ln sigma2_jh, about ln 0.0005 = -7.6 each near
+    the official variance floor, add up to some hundred, whose float32 rounding enters every
+    route to the parent (test_em_capsnet.py's float32 gradients)."""
     inverse = 1.0 / variance
     weights = tf.concat([-2.0 * mean * inverse, inverse], axis=-1)
+    mean, variance, logit = (tf.cast(x, tf.float64) for x in (mean, variance, logit))
     bias = (
         tf.math.log_sigmoid(logit)
-        - 0.5 * tf.reduce_sum(tf.math.log(variance) + tf.square(mean) * inverse, axis=-1)
+        - 0.5 * tf.reduce_sum(tf.math.log(variance) + tf.square(mean) / variance, axis=-1)
         - 0.5 * POSE_SIZE * _LN_2PI
     )
-    return weights, bias
+    return weights, tf.cast(bias, weights.dtype)
 
 
 def _iteration_outputs(stats, weights, beta_v, beta_a, inverse_temperature, mass_scale, center,
@@ -341,8 +348,20 @@ def _iteration_outputs(stats, weights, beta_v, beta_a, inverse_temperature, mass
     return _e_step_terms(mean, variance, logit)
 
 
-def _with_squares(votes):
-    return tf.concat([votes, tf.square(votes)], axis=-1)
+def _routed_sums(weights, votes, squares):
+    """sum_n r_n [V_n, V_n^2] `[..., C, 32]` of weights `[..., C, N]`: two matrix products."""
+    def product(matrix):
+        return tf.squeeze(tf.matmul(weights[..., None, :], matrix), axis=-2)
+
+    return tf.concat([product(votes), product(squares)], axis=-1)
+
+
+def _distances(votes, weights):
+    """[V_n, V_n^2] . w `[..., C, N]` of w `[..., C, 32]`, from V alone: one fused pass under
+    XLA (two matrix products would read V and V^2)."""
+    return tf.reduce_sum(
+        votes * (weights[..., None, :POSE_SIZE] + votes * weights[..., None, POSE_SIZE:]), axis=-1
+    )
 
 
 def _route(
@@ -351,106 +370,188 @@ def _route(
     beta_v: tf.Tensor,
     beta_a: tf.Tensor,
     inverse_temperatures: list[float],
-    normalise: Callable[[tf.Tensor], tf.Tensor],
+    grid: ChildGrid | None,
     mass_scale: float = 1.0,
     variance_floor: float = VARIANCE_FLOOR,
 ):
     """The EM iterations on votes `[*groups, C, N, 16]`, children's a `[*groups, 1, N]`.
 
-    normalise: routing logits `[*groups, C, N]` -> assignment probabilities R;
-    mass_scale: s of the module docstring; variance_floor: added to every variance.
-    Returns mu `[*groups, C, 16]` and a `[*groups, C]`.
+    grid: the convolution whose children are normalised over all their parents
+    (`ChildGrid.normalise`), or None: each child's routes are a softmax over the C parents
+    of its group. mass_scale: s of the module docstring; variance_floor: added to every
+    variance. Returns mu `[*groups, C, 16]` and a `[*groups, C]`.
 
+    The iterations and their gradient run as three functions, XLA-compiled for votes of
+    at least _XLA_MIN_VOTES_PER_EXAMPLE elements per example (`_Iterations`).
     Gradient: no stop_gradient anywhere (as the official code), written out: the
     backward pass runs the iterations in reverse and differentiates only the small
-    per-parent and per-route functions by autodiff; the votes-sized work is one
-    matrix-vector product per routed sum or distance and, at the end, one matrix
-    product for the gradient of [V, V^2]:
-        d[V, V^2] = [r_1 .. r_T, d_1 .. d_(T-1)] x [g_1 .. g_T, w_1 .. w_(T-1)]
-    (r_t routed weights, g_t gradients of the M-step sums, w_t E-step weights,
-    d_t gradients of the E-step distances). Equal to autodiff of the plain loop to
-    round-off (tests/test_em_routing.py).
+    per-parent and per-route functions by autodiff; the votes-sized work is one pass per
+    routed sum or distance and, at the end, one for the votes' gradient
+        d[V, V^2] = sum_t r_t (x) g_t + sum_t d_t (x) w_t
+    (r_t routed weights, g_t gradients of the M-step sums, w_t E-step weights, d_t
+    gradients of the E-step distances). Equal to autodiff of the plain loop to round-off
+    (tests/test_em_routing.py).
     """
-    num_routing = len(inverse_temperatures)
-    # The votes are routed relative to their plain mean over each parent's children: the
-    # sums of V and V^2 lose float32 precision where a parent's votes sit close together
-    # far from 0, and every M-step and E-step quantity is exact in any such frame (_m_step
-    # carries the epsilon of the mass over). A constant: no gradient flows through it.
-    center = tf.stop_gradient(tf.reduce_mean(votes, axis=-2))  # [*groups, C, 16]
-    votes = votes - center[..., None, :]
-
-    def iteration_outputs(t, stats, weights, beta_v, beta_a):
-        return _iteration_outputs(
-            stats, weights, beta_v, beta_a, inverse_temperatures[t], mass_scale, center,
-            variance_floor, t == num_routing - 1,
-        )
+    iterations = _Iterations.of(tuple(inverse_temperatures), grid.args if grid else None,
+                                float(mass_scale), float(variance_floor), _compiles(votes))
 
     @tf.custom_gradient
-    def iterate(votes, child_activations, beta_v, beta_a):
-        squares = _with_squares(votes)
-        initial = normalise(tf.zeros_like(votes[..., 0]))  # uniform over each child's parents
-        routes, logits, stats = [initial], [None], []
-        for t in range(num_routing):
-            weights = routes[-1] * child_activations
-            stats.append(tf.squeeze(tf.matmul(weights[..., None, :], squares), axis=-2))
-            outputs = iteration_outputs(t, stats[-1], weights, beta_v, beta_a)
-            if t == num_routing - 1:
-                break
-            e_weights, bias = outputs
-            distances = tf.squeeze(tf.matmul(squares, e_weights[..., None]), axis=-1)
-            logits.append(bias[..., None] - 0.5 * distances)
-            routes.append(normalise(logits[-1]))
+    def route(votes, child_activations, beta_v, beta_a):
+        poses, activations, saved = iterations.forward(votes, child_activations, beta_v, beta_a)
 
         def grad(d_poses, d_activations):
             # An output the loss does not use may come back as None.
-            poses, activations = outputs
             d_poses = tf.zeros_like(poses) if d_poses is None else d_poses
             d_activations = tf.zeros_like(activations) if d_activations is None else d_activations
-            squares = _with_squares(votes)  # recomputed: not kept from the forward pass
-            lefts, rights = [], []  # d[V, V^2] = sum over terms of left (x) right
-            d_child = tf.zeros_like(child_activations)
-            d_beta_v, d_beta_a = tf.zeros_like(beta_v), tf.zeros_like(beta_a)
-            upstream, d_logits = [d_poses, d_activations], None
-            for t in reversed(range(num_routing)):
-                last = t == num_routing - 1
-                weights = routes[t] * child_activations
-                with tf.GradientTape() as tape:
-                    tape.watch([stats[t], weights, beta_v, beta_a])
-                    results = iteration_outputs(t, stats[t], weights, beta_v, beta_a)
-                if not last:
-                    e_weights = results[0]
-                    # logits[t+1] = bias - distances / 2, distances = [V, V^2] . w
-                    d_distances = -0.5 * d_logits
-                    lefts.append(d_distances)
-                    rights.append(e_weights)
-                    upstream = [
-                        tf.squeeze(tf.matmul(d_distances[..., None, :], squares), axis=-2),
-                        tf.reduce_sum(d_logits, axis=-1),
-                    ]
-                d_stats, d_weights, d_bv, d_ba = tape.gradient(
-                    list(results), [stats[t], weights, beta_v, beta_a],
-                    output_gradients=upstream,
-                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
-                )
-                d_beta_v += d_bv
-                d_beta_a += d_ba
-                lefts.append(weights)
-                rights.append(d_stats)
-                d_weights += tf.squeeze(tf.matmul(squares, d_stats[..., None]), axis=-1)
-                # weights = R_t * a (a broadcast over the parents)
-                d_child += tf.reduce_sum(d_weights * routes[t], axis=-2, keepdims=True)
-                if t > 0:
-                    with tf.GradientTape() as tape:
-                        tape.watch(logits[t])
-                        route = normalise(logits[t])
-                    d_logits = tape.gradient(
-                        route, logits[t], output_gradients=d_weights * child_activations
-                    )
-            d_squares = tf.matmul(tf.stack(lefts, axis=-1), tf.stack(rights, axis=-2))
-            d_votes = d_squares[..., :POSE_SIZE] + 2.0 * votes * d_squares[..., POSE_SIZE:]
+            lefts, rights, d_child, d_beta_v, d_beta_a = iterations.backward(
+                saved, child_activations, beta_v, beta_a, d_poses, d_activations
+            )
+            d_votes = iterations.votes_gradient(saved["votes"], lefts, rights)
             return d_votes, d_child, d_beta_v, d_beta_a
 
-        return outputs, grad
+        return (poses, activations), grad
 
-    poses, activations = iterate(votes, child_activations, beta_v, beta_a)
-    return poses + center, activations
+    return route(votes, child_activations, beta_v, beta_a)
+
+
+# The iterations are compiled with XLA where each example's votes have at least this many
+# elements (the paper's small model on MNIST: 23,040 in the class layer, 460,800 in the
+# first convolutional one). Compiling takes seconds per input shape and a training step then
+# saves about 8 ns per vote element (benchmarks/README.md); smaller routings (tests, tiny
+# models) run as TensorFlow ops. Per example, as the batch size is often unknown when traced.
+_XLA_MIN_VOTES_PER_EXAMPLE = 2**14
+
+
+def _compiles(votes: tf.Tensor) -> bool:
+    return votes.shape[1:].num_elements() >= _XLA_MIN_VOTES_PER_EXAMPLE
+
+
+class _Iterations:
+    """The EM iterations of one routing configuration as three functions, XLA-compiled
+    where `compiled` (else run as they are: eagerly, or inlined in the caller's graph).
+
+    `forward` routes; `backward` runs the iterations' gradient back to the routes' weights
+    (K = 2 num_routing - 1 pairs of per-route `lefts` and per-parent `rights`);
+    `votes_gradient` forms d V from them in one pass. XLA fuses the small per-parent and
+    per-route operations and each distance's products with its sum; the functions are
+    separate so that the backward pass's per-route results reach the votes' gradient
+    computed once, not recomputed in every element of it (XLA would fuse them in).
+    One instance per configuration (`of`), so that each traces and compiles once per
+    input shape, also when called eagerly.
+    """
+
+    _instances: dict = {}
+
+    @classmethod
+    def of(cls, inverse_temperatures: tuple, grid_args: tuple | None, mass_scale: float,
+           variance_floor: float, compiled: bool) -> _Iterations:
+        key = (inverse_temperatures, grid_args, mass_scale, variance_floor, compiled)
+        if key not in cls._instances:
+            cls._instances[key] = cls(*key)
+        return cls._instances[key]
+
+    def __init__(self, inverse_temperatures, grid_args, mass_scale, variance_floor, compiled):
+        self.inverse_temperatures = inverse_temperatures
+        self.grid_args = grid_args
+        self.mass_scale = mass_scale
+        self.variance_floor = variance_floor
+        wrap = (lambda function: tf.function(function, jit_compile=True, autograph=False)
+                ) if compiled else (lambda function: function)
+        self.forward = wrap(self._forward)
+        self.backward = wrap(self._backward)
+        self.votes_gradient = wrap(_votes_gradient)
+
+    def _normalise(self):
+        # Built while tracing: the grid's indices become constants of the traced function.
+        return ChildGrid(*self.grid_args).normalise if self.grid_args else _softmax_over_parents
+
+    def _outputs(self, t, stats, weights, beta_v, beta_a, center):
+        return _iteration_outputs(
+            stats, weights, beta_v, beta_a, self.inverse_temperatures[t], self.mass_scale,
+            center, self.variance_floor, t == len(self.inverse_temperatures) - 1,
+        )
+
+    def _forward(self, votes, child_activations, beta_v, beta_a):
+        """Returns mu, a and what the backward pass reads (the votes relative to `center`,
+        their squares, and each iteration's routes, logits and routed sums)."""
+        normalise = self._normalise()
+        num_routing = len(self.inverse_temperatures)
+        # The votes are routed relative to their plain mean over each parent's children: the
+        # sums of V and V^2 lose float32 precision where a parent's votes sit close together
+        # far from 0, and every M-step and E-step quantity is exact in any such frame
+        # (_m_step carries the epsilon of the mass over). A constant: no gradient flows
+        # through it.
+        center = tf.reduce_mean(votes, axis=-2)  # [*groups, C, 16]
+        votes = votes - center[..., None, :]
+        squares = tf.square(votes)
+        routes = [normalise(tf.zeros_like(votes[..., 0]))]  # uniform over each child's parents
+        logits, stats = [], []
+        for t in range(num_routing):
+            weights = routes[-1] * child_activations
+            stats.append(_routed_sums(weights, votes, squares))
+            outputs = self._outputs(t, stats[-1], weights, beta_v, beta_a, center)
+            if t == num_routing - 1:
+                break
+            e_weights, bias = outputs
+            logits.append(bias[..., None] - 0.5 * _distances(votes, e_weights))
+            routes.append(normalise(logits[-1]))
+        poses, activations = outputs
+        saved = dict(center=center, votes=votes, squares=squares, routes=routes, logits=logits,
+                     stats=stats)
+        return poses + center, activations, saved
+
+    def _backward(self, saved, child_activations, beta_v, beta_a, d_poses, d_activations):
+        """(lefts, rights, d child_activations, d beta_v, d beta_a); d[V, V^2] is
+        sum_k lefts[k] (x) rights[k] (`_votes_gradient`)."""
+        normalise = self._normalise()
+        votes, squares, center = saved["votes"], saved["squares"], saved["center"]
+        routes, logits, stats = saved["routes"], [None, *saved["logits"]], saved["stats"]
+        lefts, rights = [], []
+        d_child = tf.zeros_like(child_activations)
+        d_beta_v, d_beta_a = tf.zeros_like(beta_v), tf.zeros_like(beta_a)
+        upstream, d_logits = [d_poses, d_activations], None
+        for t in reversed(range(len(self.inverse_temperatures))):
+            last = t == len(self.inverse_temperatures) - 1
+            weights = routes[t] * child_activations
+            with tf.GradientTape() as tape:
+                tape.watch([stats[t], weights, beta_v, beta_a])
+                results = self._outputs(t, stats[t], weights, beta_v, beta_a, center)
+            if not last:
+                e_weights = results[0]
+                # logits[t+1] = bias - distances / 2, distances = [V, V^2] . w
+                d_distances = -0.5 * d_logits
+                lefts.append(d_distances)
+                rights.append(e_weights)
+                upstream = [
+                    _routed_sums(d_distances, votes, squares), tf.reduce_sum(d_logits, axis=-1)
+                ]
+            d_stats, d_weights, d_bv, d_ba = tape.gradient(
+                list(results), [stats[t], weights, beta_v, beta_a],
+                output_gradients=upstream,
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
+            d_beta_v += d_bv
+            d_beta_a += d_ba
+            lefts.append(weights)
+            rights.append(d_stats)
+            d_weights += _distances(votes, d_stats)
+            # weights = R_t * a (a broadcast over the parents)
+            d_child += tf.reduce_sum(d_weights * routes[t], axis=-2, keepdims=True)
+            if t > 0:
+                with tf.GradientTape() as tape:
+                    tape.watch(logits[t])
+                    route = normalise(logits[t])
+                d_logits = tape.gradient(
+                    route, logits[t], output_gradients=d_weights * child_activations
+                )
+        return lefts, rights, d_child, d_beta_v, d_beta_a
+
+
+def _votes_gradient(votes, lefts, rights):
+    """d V `[..., C, N, 16]` = d[V, V^2] . (1, 2 V) for d[V, V^2] = sum_k lefts[k] (x) rights[k]
+    (lefts `[..., C, N]`, rights `[..., C, 32]`): one elementwise pass under XLA."""
+    return tf.add_n([
+        left[..., None]
+        * (right[..., None, :POSE_SIZE] + 2.0 * votes * right[..., None, POSE_SIZE:])
+        for left, right in zip(lefts, rights, strict=True)
+    ])

@@ -137,6 +137,31 @@ def test_conv_gradient_equals_autodiff_of_the_plain_loop(num_routing, strides, d
         np.testing.assert_allclose(got, want, atol=2e-4 * scale + 1e-7)
 
 
+@pytest.fixture
+def compiled(monkeypatch):
+    """Routings of any size run XLA-compiled (em_routing._Iterations), as large ones do."""
+    monkeypatch.setattr(em_routing, "_XLA_MIN_VOTES_PER_EXAMPLE", 0)
+
+
+@pytest.mark.parametrize("departures", DEPARTURES)
+def test_compiled_dense_routing_equals_autodiff_of_the_plain_loop(compiled, departures):
+    test_dense_gradient_equals_autodiff_of_the_plain_loop(2, departures)
+
+
+@pytest.mark.parametrize("strides", [1, 2])
+def test_compiled_conv_routing_equals_autodiff_of_the_plain_loop(compiled, strides):
+    test_conv_gradient_equals_autodiff_of_the_plain_loop(2, strides, DEPARTURES[1])
+
+
+@pytest.mark.slow
+def test_compiled_float32_gradients_keep_their_precision(compiled):
+    # The whole tiny EMCapsNet, float32 against float64, through the compiled iterations
+    # (their E-step bias summed in float64, as the plain ones').
+    from tests.test_em_capsnet import test_float32_gradients_keep_their_precision
+
+    test_float32_gradients_keep_their_precision()
+
+
 @pytest.mark.parametrize("num_routing", [1, 2, 3, 4, 5])
 @pytest.mark.slow
 def test_finite_for_zero_inputs_and_single_child_parents(num_routing):
