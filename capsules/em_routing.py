@@ -417,7 +417,7 @@ def _route(
 # The iterations are compiled with XLA where each example's votes have at least this many
 # elements (the paper's small model on MNIST: 23,040 in the class layer, 460,800 in the
 # first convolutional one). Compiling takes seconds per input shape and a training step then
-# saves about 8 ns per vote element (benchmarks/README.md); smaller routings (tests, tiny
+# saves some 6 to 7 ns per vote element (benchmarks/README.md); smaller routings (tests, tiny
 # models) run as TensorFlow ops. Per example, as the batch size is often unknown when traced.
 _XLA_MIN_VOTES_PER_EXAMPLE = 2**14
 
