@@ -357,8 +357,8 @@ def _routed_sums(weights, votes, squares):
 
 
 def _distances(votes, weights):
-    """[V_n, V_n^2] . w `[..., C, N]` of w `[..., C, 32]`, from V alone: one fused pass under
-    XLA (two matrix products would read V and V^2)."""
+    """[V_n, V_n^2] . w `[..., C, N]` for w `[..., C, 32]`, computed from V alone: one fused
+    pass under XLA (matrix products would read both V and V^2)."""
     return tf.reduce_sum(
         votes * (weights[..., None, :POSE_SIZE] + votes * weights[..., None, POSE_SIZE:]), axis=-1
     )
@@ -385,8 +385,9 @@ def _route(
     at least _XLA_MIN_VOTES_PER_EXAMPLE elements per example (`_Iterations`).
     Gradient: no stop_gradient anywhere (as the official code), written out: the
     backward pass runs the iterations in reverse and differentiates only the small
-    per-parent and per-route functions by autodiff; the votes-sized work is one pass per
-    routed sum or distance and, at the end, one for the votes' gradient
+    per-parent and per-route functions by autodiff; the votes-sized work is two matrix
+    products per routed sum, one pass per distance and, at the end, one pass for the votes'
+    gradient
         d[V, V^2] = sum_t r_t (x) g_t + sum_t d_t (x) w_t
     (r_t routed weights, g_t gradients of the M-step sums, w_t E-step weights, d_t
     gradients of the E-step distances). Equal to autodiff of the plain loop to round-off
@@ -455,8 +456,10 @@ class _Iterations:
         self.grid_args = grid_args
         self.mass_scale = mass_scale
         self.variance_floor = variance_floor
-        wrap = (lambda function: tf.function(function, jit_compile=True, autograph=False)
-                ) if compiled else (lambda function: function)
+        def wrap(function):
+            return tf.function(function, jit_compile=True, autograph=False) if compiled else (
+                function)
+
         self.forward = wrap(self._forward)
         self.backward = wrap(self._backward)
         self.votes_gradient = wrap(_votes_gradient)
