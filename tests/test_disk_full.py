@@ -14,7 +14,6 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-from absl import flags
 
 from capsules import CapsNet, checkpoints, default_hparams, errors, training
 
@@ -82,18 +81,11 @@ def test_other_save_errors_keep_their_traceback(monkeypatch, tmp_path):
 
 
 def test_experiment_prints_a_full_disk_in_one_line(monkeypatch, capsys, tmp_path):
-    from capsules import experiment
+    from tests.test_experiment import main_raising
 
-    def full(config):
-        raise errors.DiskFullError(f"{tmp_path}/train: no space left on the device")
-
-    monkeypatch.setattr(experiment, "run", full)
-    values = flags.FlagValues()
-    experiment.define_flags(values)
-    values(["experiment.py", "--data_dir=unused"])
-    monkeypatch.setattr(experiment, "FLAGS", values)
+    full = errors.DiskFullError(f"{tmp_path}/train: no space left on the device")
     with pytest.raises(SystemExit) as stop:
-        experiment.main(["experiment.py"])
+        main_raising(monkeypatch, full)
     assert stop.value.code == 1
     assert capsys.readouterr().err.splitlines() == [
         f"experiment.py: error: {tmp_path}/train: no space left on the device"]

@@ -611,35 +611,34 @@ def test_command_line_trains_and_evaluates(data, tmp_path):
         str(checkpoint), data["test_images"][:5], data["test_labels"][:5])
 
 
+def main_raising(monkeypatch, error: BaseException) -> None:
+    """Runs experiment.main with flags parsed from '--data_dir=unused', its run raising
+    `error`."""
+    def failing_run(config):
+        raise error
+
+    monkeypatch.setattr(experiment, "run", failing_run)
+    values = flags.FlagValues()
+    experiment.define_flags(values)
+    values(["experiment.py", "--data_dir=unused"])
+    monkeypatch.setattr(experiment, "FLAGS", values)
+    experiment.main(["experiment.py"])
+
+
 @pytest.mark.parametrize("bug", [
     tf.errors.InvalidArgumentError(None, None, "Incompatible shapes: [4,10] vs. [4,5]"),
     KeyError("images"),
 ])
 def test_main_keeps_the_traceback_of_what_is_no_user_error(monkeypatch, bug):
     # Only the project's errors and file-system errors become one line; a bug propagates.
-    def broken_run(config):
-        raise bug
-
-    monkeypatch.setattr(experiment, "run", broken_run)
-    values = flags.FlagValues()
-    experiment.define_flags(values)
-    values(["experiment.py", "--data_dir=unused"])
-    monkeypatch.setattr(experiment, "FLAGS", values)
     with pytest.raises(type(bug)):
-        experiment.main(["experiment.py"])
+        main_raising(monkeypatch, bug)
 
 
 def test_main_prints_an_unwritable_folder_in_one_line(monkeypatch, capsys):
-    def unwritable(config):
-        raise tf.errors.PermissionDeniedError(None, None, "runs/x/train; Permission denied")
-
-    monkeypatch.setattr(experiment, "run", unwritable)
-    values = flags.FlagValues()
-    experiment.define_flags(values)
-    values(["experiment.py", "--data_dir=unused"])
-    monkeypatch.setattr(experiment, "FLAGS", values)
+    unwritable = tf.errors.PermissionDeniedError(None, None, "runs/x/train; Permission denied")
     with pytest.raises(SystemExit) as stop:
-        experiment.main(["experiment.py"])
+        main_raising(monkeypatch, unwritable)
     assert stop.value.code == 1
     assert capsys.readouterr().err.strip().splitlines() == [
         "experiment.py: error: runs/x/train; Permission denied"]
