@@ -612,13 +612,16 @@ class EMCapsNet(_ReferenceModel):
         routed = dict(
             num_routing=hp.routing, variance_floor=hp.variance_floor, dtype=self.dtype_policy,
         )
-        conv_kernels = dict(kernel_initializer=keras.initializers.TruncatedNormal(
-            stddev=hp.conv_kernel_stddev), final_lambda=hp.final_lambda, **routed)
+        # An initializer per layer: one seeded initializer draws the same values every call.
         self.conv_capsules1 = em_layers.ConvMatrixCapsule(
-            hp.conv_capsules1, kernel_size=3, strides=2, name="conv_capsules1", **conv_kernels
+            hp.conv_capsules1, kernel_size=3, strides=2, name="conv_capsules1",
+            kernel_initializer=keras.initializers.TruncatedNormal(stddev=hp.conv_kernel_stddev),
+            final_lambda=hp.final_lambda, **routed,
         )
         self.conv_capsules2 = em_layers.ConvMatrixCapsule(
-            hp.conv_capsules2, kernel_size=3, strides=1, name="conv_capsules2", **conv_kernels
+            hp.conv_capsules2, kernel_size=3, strides=1, name="conv_capsules2",
+            kernel_initializer=keras.initializers.TruncatedNormal(stddev=hp.conv_kernel_stddev),
+            final_lambda=hp.final_lambda, **routed,
         )
         self.class_capsules = em_layers.ClassMatrixCapsule(
             num_classes, coordinate_addition=hp.coordinate_addition,

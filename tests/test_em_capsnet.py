@@ -78,6 +78,12 @@ def test_presets_and_the_official_values():
         em_layers.ConvMatrixCapsule._KERNEL_STDDEV] * 2 + [
         em_layers.ClassMatrixCapsule._KERNEL_STDDEV]
     assert model.conv1_norm is None
+    # Each layer draws its own initial kernel (one initializer draws the same values twice).
+    for hparams in (official, EMHParams()):
+        model = EMCapsNet(hparams)
+        first = model.conv_capsules1.kernel.numpy().ravel()
+        second = model.conv_capsules2.kernel.numpy().ravel()
+        assert not np.any(first == second[:first.size])
 
     small = parse_overrides(EMHParams(), "routing=3,preset=mnist_small")  # preset first
     assert small == EMHParams.preset("mnist_small").replace(routing=3)
