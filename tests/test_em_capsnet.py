@@ -15,7 +15,6 @@ from capsules.models import MODELS, EMCapsNet
 from tests.em_reference_tf import plain_logits
 
 ROOT = Path(__file__).resolve().parents[1]
-NORB = ROOT.parent / "shared" / "testdata" / "official" / "norb"
 TINY = "conv1_channels=4,primary_capsules=3,conv_capsules1=3,conv_capsules2=3,routing=2"
 
 
@@ -173,26 +172,6 @@ def test_fit_lowers_the_spread_loss_without_nan(dtype):
     after = float(model.compute_losses((images, labels))["classification_loss"])
     assert after < before
     assert set(history.history) == {"loss", "classification_loss", "accuracy"}
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not NORB.is_dir(), reason=f"reference records not found at {NORB}")
-def test_experiment_trains_and_tests_em_on_norb(tmp_path):
-    common = ["--model=em", "--dataset=norb", f"--data_dir={NORB}", "--batch_size=4"]
-    small = f"--hparams_override={TINY}"
-
-    def run(*args):
-        result = subprocess.run([sys.executable, "experiment.py", *common, *args], cwd=ROOT,
-                                capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return result.stdout
-
-    out = run(f"--summary_dir={tmp_path}", "--max_steps=2", small)
-    assert "total_params:" in out
-    checkpoint = tmp_path / "train" / "model.ckpt-2"
-    # The saved hparams.json restores the tiny model without the override.
-    out = run("--train=false", f"--checkpoint={checkpoint}", "--eval_size=6")
-    assert "Total wrong predictions:" in out and "of 6 correct" in out
 
 
 def _gradients(model, forward, images, labels):
