@@ -45,7 +45,8 @@ class EMHParams(ValidatedHParams):
         cost (1: the paper and the official code; IBM's port 100 / (children / classes)).
       conv_kernel_stddev, class_kernel_stddev: initial transformation matrices, truncated
         normal (the official 0.3 and 0.01; the PyTorch ports draw N(0, 1)).
-      conv1_batch_norm: batch normalisation between conv1 and its ReLU (the official: none).
+      conv1_batch_norm: batch normalisation between conv1 and its ReLU, its statistics
+        over the global batch when training is distributed (the official: none).
     """
 
     conv1_channels: int = 32

@@ -599,12 +599,15 @@ class EMCapsNet(_ReferenceModel):
         self.conv1 = keras.layers.Conv2D(
             hp.conv1_channels, 5, strides=2, padding="valid",
             activation=None if hp.conv1_batch_norm else "relu",
+            use_bias=not hp.conv1_batch_norm,  # batch norm's mean removes a bias
             kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.05),
             bias_initializer=keras.initializers.Constant(0.1), dtype=self.dtype_policy,
             name="conv1",
         )
+        # Synchronized: the statistics of the global batch, so that workers train as one
+        # process would (per-replica statistics differ with the split).
         self.conv1_norm = keras.layers.BatchNormalization(
-            epsilon=1e-3, dtype=self.dtype_policy, name="conv1_norm"
+            epsilon=1e-3, synchronized=True, dtype=self.dtype_policy, name="conv1_norm"
         ) if hp.conv1_batch_norm else None
         self.primary_capsules = em_layers.PrimaryMatrixCapsule(
             hp.primary_capsules, dtype=self.dtype_policy, name="primary_capsules"

@@ -40,6 +40,9 @@ def test_parameter_count_is_the_official_models(input_shape, num_classes, expect
                       num_classes=num_classes)
     assert model.count_params() == expected
     assert EMCapsNet(input_shape=input_shape, num_classes=num_classes).count_params() == expected
+    # Batch normalisation after conv1 adds 4 weights per channel and drops conv1's bias.
+    assert EMCapsNet(EMHParams(conv1_batch_norm=True), input_shape=input_shape,
+                     num_classes=num_classes).count_params() == expected + 3 * 32
     assert (5 * 5 * input_shape[2] * 32 + 32) + 32 * 544 + 2 * (9 * 32 * 32 * 16 + 64) + (
         32 * num_classes * 16 + 2 * num_classes) == expected
 
