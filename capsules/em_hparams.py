@@ -14,9 +14,10 @@ class EMHParams(ValidatedHParams):
     """EMCapsNet's hyper-parameters.
 
     The defaults are the official experiment.py flags' except where the official numbers
-    barely learn (measured on MNIST: docs/em_routing.md, "Departures", and benchmarks/README.md,
-    "EM recipe probes"): the variance floor, the transformation matrices' initial scale,
-    the class layer's cost scale and the routing iterations. `preset=smallnorb_official`
+    barely learn (measured on MNIST: docs/em_routing.md, "The recipe that learns", and
+    benchmarks/README.md, "EM recipe probes"): the variance floor, the transformation
+    matrices' initial scale and the routing iterations (the class layer's cost scale and batch
+    normalisation after conv1 are fields at their official values). `preset=smallnorb_official`
     (`EMHParams.preset("smallnorb_official")`) restores every official value;
     `preset=mnist_small` is the paper's small model (A=64, B=8, C=D=16) with the defaults.
 
@@ -45,8 +46,9 @@ class EMHParams(ValidatedHParams):
         cost (1: the paper and the official code; IBM's port 100 / (children / classes)).
       conv_kernel_stddev, class_kernel_stddev: initial transformation matrices, truncated
         normal (the official 0.3 and 0.01; the PyTorch ports draw N(0, 1)).
-      conv1_batch_norm: batch normalisation between conv1 and its ReLU, its statistics
-        over the global batch when training is distributed (the official: none).
+      conv1_batch_norm: batch normalisation between conv1 and its ReLU (without conv1's bias),
+        its statistics over the global batch when training is distributed (the official:
+        none, conv1 with a bias; the yl-1993 PyTorch port's).
     """
 
     conv1_channels: int = 32

@@ -8,13 +8,19 @@ Equal means bit for bit, weights and optimizer state, where the steps compute th
 the same order (two processes, a resumed run). Where a step's batch is split over
 workers its gradient sums add in another order, and the optimizer's step is then compared
 exactly and each variable's weights to round-off, in root mean square over its elements:
-1e-5 of its largest element, plus 1e-3 of the farthest Adam can move a weight in those steps
-(about the learning rate a step). The second term, and the mean over elements, are there
-because Adam divides a gradient by its own root mean square: an element whose gradient is a
-sum of cancelling terms near Adam's epsilon (a few of EMCapsNet's conv1 weights, whose
-gradients come through the routing) keeps its relative round-off in the step it makes,
+1e-5 of its largest element, plus, for a weight Adam trains, 1e-2 of the farthest Adam can
+move it in those steps (about the learning rate a step). That second term is there because
+Adam divides a gradient by its own root mean square: an element whose gradient is a sum of
+cancelling terms near Adam's epsilon keeps its relative round-off in the step it makes,
 whatever the weight's size. A worker that read other images or missed an update moves most
-weights by a good part of a step, a thousand times more.
+weights by a good part of a step, a hundred times more.
+
+EMCapsNet runs here with batch normalisation after conv1, which makes many such elements
+(the loss no longer sees conv1's scale); at the tiny model's small loss the round-off of
+step 1 (median relative difference 1e-7, a few conv1 elements 1e-2) then grows 5 to 20 times
+a step. Its two workers are compared at step 1, where an unsynchronized norm is off by up to
+1,000 times the bound. The norm's moving statistics, which Adam does not train, are held to
+the first term.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -40,12 +47,13 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 TIMEOUT = 600
 CAPSULE = "--hparams_override=num_prime_capsules=1,routing=1,remake=false"
+# With batch normalisation after conv1: its statistics are the part of EMCapsNet that workers
+# must share (synchronized); the rest is covered as well with it as without.
 EM = ("--model=em", "--hparams_override=conv1_channels=8,primary_capsules=2,conv_capsules1=2,"
-      "conv_capsules2=2,routing=2")
-LEARNING_RATE = {"--model=em": EMHParams().learning_rate}  # else CapsNet's
+      "conv_capsules2=2,routing=2,conv1_batch_norm=true")
 MULTIMNIST = ("--dataset=multimnist", "--num_targets=2")
 ROUND_OFF = 1e-5  # of each variable's largest element (root mean square difference)
-STEP_ROUND_OFF = 1e-3  # of Adam's largest move, learning rate x steps (the same)
+STEP_ROUND_OFF = 1e-2  # of Adam's largest move, learning rate x steps (the same; trained)
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +100,8 @@ def assert_equal_runs(got: Path, expected: Path, step: int,
             scale = float(np.max(np.abs(value))) if np.size(value) else 0.0
             rms = float(np.sqrt(np.mean(np.square(got_vars[name] - value)))) if np.size(
                 value) else 0.0
-            assert rms <= ROUND_OFF * scale + STEP_ROUND_OFF * learning_rate * step, (
+            trained = "moving_" not in name  # not a batch norm's moving statistics
+            assert rms <= ROUND_OFF * scale + trained * STEP_ROUND_OFF * learning_rate * step, (
                 name, rms)
 
 
@@ -103,8 +112,15 @@ def assert_moved(run: Path, step: int) -> None:
     assert kernels and all(not np.array_equal(start[n], end[n]) for n in kernels)
 
 
-MODELS = {"capsnet": (CAPSULE, "--random_shift=2"), "emcapsnet": (*EM, "--random_shift=2"),
-          "multimnist": (*MULTIMNIST, CAPSULE)}
+class Model(NamedTuple):
+    flags: tuple[str, ...]
+    learning_rate: float  # Adam's
+    worker_steps: tuple[int, ...] = (1, 3)  # where two workers match one process to round-off
+
+
+MODELS = {"capsnet": Model((CAPSULE, "--random_shift=2"), HParams().learning_rate),
+          "emcapsnet": Model((*EM, "--random_shift=2"), EMHParams().learning_rate, (1,)),
+          "multimnist": Model((*MULTIMNIST, CAPSULE), HParams().learning_rate)}
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +131,7 @@ def unbroken(data, tmp_path_factory):
     def run(name: str) -> Path:
         if name not in runs:
             runs[name] = tmp_path_factory.mktemp(f"unbroken_{name}")
-            train(data, runs[name], "--max_steps=4", *MODELS[name])
+            train(data, runs[name], "--max_steps=4", *MODELS[name].flags)
             assert_moved(runs[name], 4)
         return runs[name]
 
@@ -124,11 +140,11 @@ def unbroken(data, tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["capsnet", "emcapsnet", "multimnist"])
 def test_a_run_stopped_and_resumed_equals_an_unbroken_one(data, tmp_path, unbroken, name):
-    train(data, tmp_path / "resumed", "--max_steps=2", *MODELS[name])
+    train(data, tmp_path / "resumed", "--max_steps=2", *MODELS[name].flags)
     # Two processes from one seed: equal at every step they both saved.
     assert_equal_runs(tmp_path / "resumed", unbroken(name), 1)
     assert_equal_runs(tmp_path / "resumed", unbroken(name), 2)
-    train(data, tmp_path / "resumed", "--max_steps=4", *MODELS[name])
+    train(data, tmp_path / "resumed", "--max_steps=4", *MODELS[name].flags)
     assert_equal_runs(tmp_path / "resumed", unbroken(name), 4)
 
 
@@ -136,10 +152,11 @@ def test_a_run_stopped_and_resumed_equals_an_unbroken_one(data, tmp_path, unbrok
 @pytest.mark.parametrize("name", ["multimnist", "emcapsnet"])
 def test_one_process_and_two_local_workers_give_equal_checkpoints(data, tmp_path, unbroken,
                                                                   name):
-    train(data, tmp_path / "two", "--max_steps=3", "--local_workers=2", *MODELS[name])
-    learning_rate = LEARNING_RATE.get(MODELS[name][0], HParams().learning_rate)
-    assert_equal_runs(tmp_path / "two", unbroken(name), 1, learning_rate)
-    assert_equal_runs(tmp_path / "two", unbroken(name), 3, learning_rate)
+    model = MODELS[name]
+    train(data, tmp_path / "two", f"--max_steps={model.worker_steps[-1]}", "--local_workers=2",
+          *model.flags)
+    for step in model.worker_steps:
+        assert_equal_runs(tmp_path / "two", unbroken(name), step, model.learning_rate)
 
 
 def test_fit_after_set_random_seed_is_reproducible():
