@@ -25,12 +25,17 @@ def shipped():
     return prefix, checkpoints.load_model(prefix)
 
 
-def test_weights_only_and_under_40_mb(shipped):
-    prefix, model = shipped
+def assert_weights_only(prefix: str, max_megabytes: int) -> None:
+    """The checkpoint at `prefix` holds no optimizer state and its files are small."""
     names = [name for name, _ in tf.train.list_variables(prefix)]
     assert not any("optimizer" in name for name in names)
     size = sum(os.path.getsize(path) for path in tf.io.gfile.glob(prefix + "*"))
-    assert size < 40 * 2**20
+    assert size < max_megabytes * 2**20
+
+
+def test_weights_only_and_under_40_mb(shipped):
+    prefix, model = shipped
+    assert_weights_only(prefix, 40)
     # Every weight of the model, decoder included, is in the checkpoint (none at its init).
     assert not np.allclose(model.decoder.recons_3.bias.numpy(), 0.1)
 
