@@ -96,10 +96,9 @@ def assert_equal_runs(got: Path, expected: Path, step: int,
     for name, value in expected_vars.items():
         if exact or "optimizer" in name:
             np.testing.assert_array_equal(got_vars[name], value, err_msg=name)
-        else:
-            scale = float(np.max(np.abs(value))) if np.size(value) else 0.0
-            rms = float(np.sqrt(np.mean(np.square(got_vars[name] - value)))) if np.size(
-                value) else 0.0
+        elif np.size(value):
+            scale = float(np.max(np.abs(value)))
+            rms = float(np.sqrt(np.mean(np.square(got_vars[name] - value))))
             trained = "moving_" not in name  # not a batch norm's moving statistics
             assert rms <= ROUND_OFF * scale + trained * STEP_ROUND_OFF * learning_rate * step, (
                 name, rms)
