@@ -4,10 +4,11 @@ Each variant (a name and `--hparams_override` text applied on top of --base) tra
 same model from the same seed on the same batches (training images 10,000..60,000 shifted
 at random within +-2 pixels, the `--validate` split of experiment.py), and its error on the
 first --eval_size validation images (training images 0..10,000) is measured every
---eval_every steps. Each variant runs in a process of its own.
+--eval_every steps, with the weights that evaluating a checkpoint of that step uses (their
+moving average under the default `ema_momentum`). Each variant runs in a process of its own.
 
   python benchmarks/em_probes.py --data_dir=data/mnist \\
-      --variant=official:preset=official --variant=default: --steps=1000
+      --variant=official:preset=smallnorb_official,routing=3 --variant=default: --steps=1000
 
 The last lines are a markdown table: variant, overrides, the error at each evaluated step,
 seconds per step. data_dir needs the validation records (`python
@@ -53,11 +54,17 @@ def probe(overrides: str, data_dir: str, steps: int, eval_every: int, eval_size:
     predict = tf.function(lambda images: model(images, training=False))
 
     def error() -> float:
+        # The weights that load_model gives a checkpoint of this step: their moving average
+        # where the hparams keep one (ema_momentum).
+        trained = [weight.numpy() for weight in model.trainable_weights]
+        model.optimizer.finalize_variable_values(model.trainable_weights)
         wrong = total = 0
         for batch in valid:
             logits = predict(batch["images"]).numpy()
             wrong += int(np.sum(np.argmax(logits, 1) != np.argmax(batch["labels"].numpy(), 1)))
             total += len(logits)
+        for weight, value in zip(model.trainable_weights, trained, strict=True):
+            weight.assign(value)
         return wrong / total
 
     errors, losses, seconds = {}, {}, 0.0

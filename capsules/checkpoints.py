@@ -99,7 +99,7 @@ def read_run_file(checkpoint_path: str) -> RunFile | None:
     # Older run files (no "model") are CapsNet's or ConvBaseline's: HParams.
     known = models.MODELS.get(content.get("model"))
     try:
-        hparams = (known.hparams_class if known else HParams)(**content["hparams"])
+        hparams = (known.hparams_class if known else HParams).from_dict(content["hparams"])
     except (KeyError, TypeError, ValueError) as error:
         raise UsageError(f"{path}: no valid hparams ({error})") from None
     if "config" in content:
@@ -111,7 +111,9 @@ def read_run_file(checkpoint_path: str) -> RunFile | None:
 def load_model(checkpoint_path: str, hparams_override: str | None = None, *,
                model: str | None = None, dataset_info: Any = None,
                dtype: str | None = None) -> keras.Model:
-    """The model of `checkpoint_path`, built, with the checkpoint's weights restored.
+    """The model of `checkpoint_path`, built, with the checkpoint's weights restored: their
+    moving average where the model keeps one (EMHParams.ema_momentum) and the checkpoint is
+    a training one (with the optimizer's state; an export holds the average already).
 
     The model's class, constructor config and hyper-parameters come from the run file next
     to the checkpoint, the hyper-parameters then changed by `hparams_override`
@@ -168,7 +170,23 @@ def load_model(checkpoint_path: str, hparams_override: str | None = None, *,
         config = {**config, "dtype": dtype}
     built = models.MODELS[name].from_config({**config, "hparams": hparams.to_dict()})
     restore_weights(built, checkpoint_path)
+    if getattr(hparams, "ema_momentum", 0) and has_optimizer_state(checkpoint_path):
+        _use_moving_average(built, checkpoint_path)
     return built
+
+
+def _use_moving_average(model: keras.Model, path: str) -> None:
+    """Puts the moving average of the weights that training checkpoint `path` holds (in its
+    optimizer, Keras' `use_ema`) into `model`'s weights."""
+    twin = model.__class__.from_config(model.get_config())
+    twin.compile()
+    try:
+        _restore_checked(twin, path)
+    except UsageError as error:
+        raise UsageError(f"{error}; a checkpoint trained without the weights' moving average "
+                         "loads with hparams_override='ema_momentum=0'") from None
+    twin.optimizer.finalize_variable_values(twin.trainable_variables)
+    model.set_weights(twin.get_weights())
 
 
 def require_checkpoint(path: str) -> None:

@@ -16,8 +16,9 @@ class EMHParams(ValidatedHParams):
     The defaults are the official experiment.py flags' except where the official numbers
     barely learn (measured on MNIST: docs/em_routing.md, "The recipe that learns", and
     benchmarks/README.md, "EM recipe probes"): the variance floor, the transformation
-    matrices' initial scale and the routing iterations (the class layer's cost scale and batch
-    normalisation after conv1 are fields at their official values). `preset=smallnorb_official`
+    matrices' initial scale, the routing iterations and the weights' moving average for
+    evaluation (the class layer's cost scale and batch normalisation after conv1 are fields
+    at their official values). `preset=smallnorb_official`
     (`EMHParams.preset("smallnorb_official")`) restores every official value;
     `preset=mnist_small` is the paper's small model (A=64, B=8, C=D=16) with the defaults.
 
@@ -49,6 +50,11 @@ class EMHParams(ValidatedHParams):
       conv1_batch_norm: batch normalisation between conv1 and its ReLU (without conv1's bias),
         its statistics over the global batch when training is distributed (the official:
         none, conv1 with a bias; the yl-1993 PyTorch port's).
+      ema_momentum: the weights that evaluation, `load_model` and exports use are their
+        moving average, average = ema_momentum * average + (1 - ema_momentum) * weights
+        after every step (Keras' optimizer `use_ema`: training steps use the weights
+        themselves, and `model.fit` puts the average into them when it ends); 0: the
+        weights themselves (the official code keeps no average).
     """
 
     conv1_channels: int = 32
@@ -69,15 +75,18 @@ class EMHParams(ValidatedHParams):
     gradient_clip: float = 200.0
     variance_floor: float = 1e-8
     class_cost_scale: float = 1.0
-    conv_kernel_stddev: float = 1.0
+    conv_kernel_stddev: float = 2.0
     class_kernel_stddev: float = 1.0
     conv1_batch_norm: bool = False
+    ema_momentum: float = 0.99
 
     # The official capsule_em values of the fields whose defaults depart from them.
     _OFFICIAL: ClassVar[dict] = {
         "routing": 3, "variance_floor": 0.0005, "class_cost_scale": 1.0,
-        "conv_kernel_stddev": 0.3, "class_kernel_stddev": 0.01,
+        "conv_kernel_stddev": 0.3, "class_kernel_stddev": 0.01, "ema_momentum": 0.0,
     }
+    # Run files written before the moving average existed trained without one.
+    ADDED_FIELDS: ClassVar[dict] = {"ema_momentum": 0.0}
     PRESETS: ClassVar[dict[str, dict]] = {
         "smallnorb_official": _OFFICIAL,
         "mnist_small": {"conv1_channels": 64, "primary_capsules": 8, "conv_capsules1": 16,
@@ -97,6 +106,11 @@ class EMHParams(ValidatedHParams):
             raise ValueError(
                 f"hparams margin_start={self.margin_start!r}, margin_end={self.margin_end!r}: "
                 "expected 0 <= margin_start <= margin_end"
+            )
+        if not 0 <= self.ema_momentum < 1:
+            raise ValueError(
+                f"hparam ema_momentum={self.ema_momentum!r}: expected 0 <= ema_momentum < 1 "
+                "(0: no moving average)"
             )
         if self.weight_decay < 0:
             raise ValueError(f"hparam weight_decay={self.weight_decay!r}: must be >= 0")

@@ -12,13 +12,22 @@ class ValidatedHParams:
 
     A frozen dataclass subclass declares its fields with defaults (whose types
     are the expected ones), `_CHOICES` (field -> allowed values), `_POSITIVE`
-    (fields that must be > 0) and `PRESETS` (name -> the fields that differ from the
-    defaults in that named set, chosen with `preset=NAME` in the overrides).
+    (fields that must be > 0), `PRESETS` (name -> the fields that differ from the
+    defaults in that named set, chosen with `preset=NAME` in the overrides) and
+    `ADDED_FIELDS` (fields added after run files were first written -> the value that
+    reproduces the runs of files without them).
     """
 
     _CHOICES: ClassVar[dict] = {}
     _POSITIVE: ClassVar[tuple] = ()
+    ADDED_FIELDS: ClassVar[dict] = {}
     PRESETS: ClassVar[dict[str, dict]] = {}
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        """The hyper-parameters saved as `values` (`to_dict`, in a run file or a model's
+        config); a field they predate takes its `ADDED_FIELDS` value, how their run trained."""
+        return cls(**{**cls.ADDED_FIELDS, **values})
 
     @classmethod
     def preset(cls, name: str):

@@ -385,7 +385,7 @@ class _ReferenceModel(keras.Model):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        config["hparams"] = cls.hparams_class(**config["hparams"])
+        config["hparams"] = cls.hparams_class.from_dict(config["hparams"])
         return cls(**config)
 
 
@@ -572,10 +572,12 @@ class EMCapsNet(_ReferenceModel):
     addition), EM routing with `hparams.routing` iterations in the last three. The
     logits are the class capsules' activations. Loss: the spread loss, its margin
     rising from margin_start to margin_end over margin_steps steps, plus weight decay
-    on the kernels; Adam on the official schedule with gradients clipped at +-200.
+    on the kernels; Adam on the official schedule with gradients clipped at +-200, keeping
+    the weights' moving average that evaluation uses (`hparams.ema_momentum`).
 
     Args:
-      hparams: `capsules.em_hparams.EMHParams`; default the official code's.
+      hparams: `capsules.em_hparams.EMHParams`; default `EMHParams()`, the recipe that
+        learns (`EMHParams.preset("smallnorb_official")`: every official value).
       input_shape: (height, width, depth) of the images (smallNORB: 32x32x2).
       num_classes: class capsules.
       num_targets: labelled classes per image (the spread loss pairs each with every
@@ -651,9 +653,11 @@ class EMCapsNet(_ReferenceModel):
         self.built = True
 
     def compile(self, optimizer=None, **kwargs):
-        """As keras.Model.compile; with no optimizer, Adam on the official schedule and clipping."""
+        """As keras.Model.compile; with no optimizer, Adam on the official schedule and
+        clipping, with the weights' moving average of `hparams.ema_momentum`."""
         if optimizer is None:
-            optimizer = reference_optimizer(self.hparams, clipvalue=self.hparams.gradient_clip)
+            optimizer = reference_optimizer(self.hparams, clipvalue=self.hparams.gradient_clip,
+                                            ema_momentum=self.hparams.ema_momentum)
         super().compile(optimizer=optimizer, **kwargs)
 
     @property

@@ -36,11 +36,16 @@ class ReferenceDecay(keras.optimizers.schedules.LearningRateSchedule):
         }
 
 
-def reference_optimizer(hparams: HParams, clipvalue: float | None = None
-                        ) -> keras.optimizers.Optimizer:
+def reference_optimizer(hparams: HParams, clipvalue: float | None = None,
+                        ema_momentum: float = 0.0) -> keras.optimizers.Optimizer:
     """Adam (epsilon 1e-8, TF1's default; Keras' is 1e-7) on the reference schedule.
 
     clipvalue: clip every gradient element to [-clipvalue, clipvalue] (the EM code's 200).
+    ema_momentum: > 0 keeps a moving average of the weights with this momentum (Keras'
+      `use_ema`: `finalize_variable_values` puts it into the weights); 0, none (the
+      reference's).
     """
     schedule = ReferenceDecay(hparams.learning_rate, hparams.decay_steps, hparams.decay_rate)
-    return keras.optimizers.Adam(learning_rate=schedule, epsilon=1e-8, clipvalue=clipvalue)
+    averaged = {"use_ema": True, "ema_momentum": ema_momentum} if ema_momentum else {}
+    return keras.optimizers.Adam(learning_rate=schedule, epsilon=1e-8, clipvalue=clipvalue,
+                                 **averaged)

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 
 import tensorflow as tf
 
+from capsules import models
 from capsules.checkpoints import (
     READ_ERRORS,
     RUN_FILE,
@@ -299,8 +300,10 @@ def run_config(directory: str) -> dict | None:
 def _settings(content: dict) -> dict:
     """The settings of a run file that a resumed run must keep, flat: the model, its config
     (config.NAME), the hparams by name and the SETTINGS_FLAGS. Older run files (flags at
-    the top level, no config) give what they hold."""
-    out = {key: value for key, value in content.get("hparams", {}).items()}
+    the top level, no config) give what they hold, and the hparams added since
+    (`ADDED_FIELDS`) at the values their run trained with."""
+    known = models.MODELS.get(content.get("model"))
+    out = {**(known.hparams_class.ADDED_FIELDS if known else {}), **content.get("hparams", {})}
     if content.get("model") is not None:
         out["model"] = content["model"]
     for key, value in (content.get("config") or {}).items():

@@ -1,5 +1,6 @@
 """EMCapsNet: parameter counts, the spread loss and its margin, saving, training, experiment.py."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import tensorflow as tf
 
 from capsules import em_layers, em_routing, losses, parse_overrides
 from capsules.em_hparams import EMHParams
+from capsules.errors import UsageError
 from capsules.models import MODELS, EMCapsNet
 from tests.em_reference_tf import plain_logits
 
@@ -65,13 +67,16 @@ def test_presets_and_the_official_values():
     # Every departure of the defaults switches off to the official value.
     assert (official.routing, official.variance_floor, official.class_cost_scale,
             official.conv_kernel_stddev, official.class_kernel_stddev,
-            official.conv1_batch_norm) == (3, em_routing.VARIANCE_FLOOR, 1.0, 0.3, 0.01, False)
+            official.conv1_batch_norm, official.ema_momentum) == (
+        3, em_routing.VARIANCE_FLOOR, 1.0, 0.3, 0.01, False, 0.0)
     departures = {name for name, value in EMHParams().to_dict().items()
                   if value != official.to_dict()[name]}
     assert departures == {"routing", "variance_floor", "conv_kernel_stddev",
-                          "class_kernel_stddev"} | (
+                          "class_kernel_stddev", "ema_momentum"} | (
         {"class_cost_scale"} if EMHParams().class_cost_scale != 1.0 else set())
     model = EMCapsNet(official)
+    model.compile()
+    assert not model.optimizer.use_ema
     routed = [model.conv_capsules1, model.conv_capsules2, model.class_capsules]
     assert [layer.variance_floor for layer in routed] == [em_routing.VARIANCE_FLOOR] * 3
     assert [layer.cost_scale for layer in routed] == [1.0] * 3
@@ -175,6 +180,54 @@ def test_fit_lowers_the_spread_loss_without_nan(dtype):
     after = float(model.compute_losses((images, labels))["classification_loss"])
     assert after < before
     assert set(history.history) == {"loss", "classification_loss", "accuracy"}
+
+
+def test_evaluation_takes_the_moving_average_of_the_weights(tmp_path):
+    from capsules import checkpoints, export
+
+    model = _tiny(ema_momentum=0.5)
+    model.compile()
+    images, labels = _batch(8)
+    trained = []
+    for _ in range(3):
+        model.optimize_step((images, labels))
+        trained.append([w.numpy() for w in model.trainable_weights])
+    # The first step's weights, then average = 0.5 average + 0.5 weights after each step.
+    average = [0.25 * a + 0.25 * b + 0.5 * c for a, b, c in zip(*trained, strict=True)]
+    directory = tmp_path / "train"
+    prefix = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), str(directory), 1,
+                                       checkpoint_name="model.ckpt").save(3)
+    checkpoints.write_run_file(str(directory), model)
+
+    def assert_weights(loaded, expected):
+        for weight, value in zip(loaded.trainable_weights, expected, strict=True):
+            np.testing.assert_allclose(weight.numpy(), value, rtol=1e-6, atol=1e-7,
+                                       err_msg=weight.path)
+
+    assert_weights(checkpoints.load_model(prefix), average)
+    # Training resumes from the weights themselves; ema_momentum=0 evaluates them.
+    assert_weights(model, trained[-1])
+    assert_weights(checkpoints.load_model(prefix, "ema_momentum=0"), trained[-1])
+    # An export holds the average and loads as it is.
+    exported = export.export_weights(prefix, str(tmp_path / "export"))
+    assert not checkpoints.has_optimizer_state(exported)
+    assert_weights(checkpoints.load_model(exported), average)
+
+    # A run file written before the field existed: its run trained without an average.
+    content = json.loads((directory / checkpoints.RUN_FILE).read_text())
+    del content["hparams"]["ema_momentum"]
+    (directory / checkpoints.RUN_FILE).write_text(json.dumps(content))
+    assert checkpoints.read_run_file(prefix).hparams.ema_momentum == 0.0
+    assert EMCapsNet.from_config({**model.get_config(), "hparams": content["hparams"]}
+                                 ).hparams.ema_momentum == 0.0
+    plain = _tiny(ema_momentum=0.0)
+    plain.compile()
+    plain_prefix = tf.train.Checkpoint(model=plain).save(str(tmp_path / "plain" / "model.ckpt"))
+    checkpoints.write_run_file(str(tmp_path / "plain"), plain)
+    with pytest.raises(UsageError, match="loads with hparams_override='ema_momentum=0'"):
+        checkpoints.load_model(plain_prefix, "ema_momentum=0.9")
+    with pytest.raises(ValueError, match="ema_momentum=1.0: expected 0 <= ema_momentum < 1"):
+        EMHParams(ema_momentum=1.0)
 
 
 def _gradients(model, forward, images, labels):

@@ -18,6 +18,7 @@ import tensorflow as tf
 
 import input_data
 from capsules import CapsNet, checkpoints, default_hparams, run_dir, training
+from capsules.em_hparams import EMHParams
 from capsules.run_dir import RunDirectoryError
 from input_data import records
 from input_data.mnist import mnist_shift
@@ -268,6 +269,15 @@ def test_resume_with_other_settings_stops_listing_them_or_records_them(tmp_path)
     checkpoints.write_json_atomically(str(tmp_path / checkpoints.RUN_FILE), older)
     with pytest.raises(RunDirectoryError, match=r"\(batch_size: 32 -> 128\)"):
         run_dir.resumed_config(str(tmp_path), content, step=30)
+    # An EM run file from before the weights' moving average trained without one.
+    em = {"model": "em", "hparams": EMHParams().to_dict(), "flags": {}}
+    before = {**em, "hparams": {key: value for key, value in em["hparams"].items()
+                                if key != "ema_momentum"}}
+    checkpoints.write_json_atomically(str(tmp_path / checkpoints.RUN_FILE), before)
+    with pytest.raises(RunDirectoryError, match=r"\(ema_momentum: 0.0 -> 0.99\)"):
+        run_dir.resumed_config(str(tmp_path), em, step=30)
+    without = {**em, "hparams": EMHParams(ema_momentum=0.0).to_dict()}
+    assert run_dir.resumed_config(str(tmp_path), without, step=30) == without
 
 
 # ---- training ----------------------------------------------------------------------------
