@@ -7,9 +7,11 @@
   python -m capsules.export --checkpoint=runs/mnist/train/model.ckpt-3500 \
       --output_dir=OUT --dtype=float32  # trained under --mixed_bfloat16, loads in float32
 
-The copy is a tf.train.Checkpoint of the model alone, model.ckpt-STEP with a `checkpoint`
-state file (so `tf.train.latest_checkpoint(output_dir)` finds it), and the run file beside
-it (`capsules.checkpoints.RUN_FILE`: the model, its config, hparams and the run's flags), so
+The copy holds the weights that `load_model` gives the checkpoint (their moving average for
+an EMCapsNet trained with one, EMHParams.ema_momentum). It is a tf.train.Checkpoint of the
+model alone, model.ckpt-STEP with a `checkpoint` state file (so
+`tf.train.latest_checkpoint(output_dir)` finds it), and the run file beside it
+(`capsules.checkpoints.RUN_FILE`: the model, its config, hparams and the run's flags), so
 that `capsules.checkpoints.load_model` rebuilds it from the path alone.
 """
 
