@@ -169,17 +169,21 @@ def load_model(checkpoint_path: str, hparams_override: str | None = None, *,
     if dtype is not None:
         config = {**config, "dtype": dtype}
     built = models.MODELS[name].from_config({**config, "hparams": hparams.to_dict()})
-    restore_weights(built, checkpoint_path)
-    if getattr(hparams, "ema_momentum", 0) and has_optimizer_state(checkpoint_path):
-        _use_moving_average(built, checkpoint_path)
+    try:
+        if getattr(hparams, "ema_momentum", 0) and has_optimizer_state(checkpoint_path):
+            _restore_moving_average(built, checkpoint_path)
+        else:
+            _restore_weights(built, checkpoint_path)
+    except READ_ERRORS as error:
+        raise _read_error(checkpoint_path, error) from None
     return built
 
 
-def _use_moving_average(model: keras.Model, path: str) -> None:
+def _restore_moving_average(model: keras.Model, path: str) -> None:
     """Puts the moving average of the weights that training checkpoint `path` holds (in its
     optimizer, Keras' `use_ema`) into `model`'s weights."""
     twin = model.__class__.from_config(model.get_config())
-    twin.compile()
+    twin.compile()  # the averages are optimizer variables: restored into a compiled twin
     try:
         _restore_checked(twin, path)
     except UsageError as error:
