@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from capsules import em_routing
+from capsules import em_kernels, em_routing
 from capsules.conv import conv_output_length
 from capsules.layers import _check_positive
 
@@ -290,11 +290,9 @@ class ConvMatrixCapsule(_RoutedMatrixCapsule):
         product per (kernel offset, input type) of the patches' poses with its
         `[4, 4 * num_capsules]` weights; the result is laid out for the routing.
         """
-        _, height, width, input_types, _, _ = poses.shape
-        grid = em_routing.ChildGrid(height, width, input_types, self.kernel_size, self.strides)
         out_height, out_width = self._output_grid(poses.shape)
-        children = self.kernel_size * self.kernel_size * input_types
-        patches = grid.gather(tf.reshape(poses, [-1, height * width, input_types, 16]))
+        children = self.kernel_size * self.kernel_size * poses.shape[3]
+        patches = self._patches(poses)
         # [batch * positions, children, 4, 4] -> [children, batch * positions * 4, 4]
         rows = tf.transpose(tf.reshape(patches, [-1, children, 4, 4]), [1, 0, 2, 3])
         rows = tf.reshape(rows, [children, -1, 4])
@@ -305,8 +303,27 @@ class ConvMatrixCapsule(_RoutedMatrixCapsule):
         votes = tf.transpose(votes, [1, 2, 3, 5, 0, 4, 6])
         return tf.reshape(votes, [-1, out_height, out_width, self.num_capsules, children, 16])
 
+    def _patches(self, poses: tf.Tensor) -> tf.Tensor:
+        """The poses of each output position's children, `[batch, out_height, out_width,
+        k^2 * input_types, 16]` in (ky, kx, t) order."""
+        _, height, width, input_types, _, _ = poses.shape
+        grid = em_routing.ChildGrid(height, width, input_types, self.kernel_size, self.strides)
+        patches = grid.gather(tf.reshape(poses, [-1, height * width, input_types, 16]))
+        return tf.reshape(patches, [-1, *self._output_grid(poses.shape),
+                                    self.kernel_size**2 * input_types, 16])
+
     def call(self, inputs):
         poses, activations = inputs
+        if em_kernels.enabled() and em_kernels.load() is not None:
+            # The votes computed where the routing uses them (no votes-sized tensor).
+            kernel = tf.reshape(self.kernel, [-1, self.num_capsules, 16])
+            out_poses, out_activations = em_routing.conv_em_routing_of_patches(
+                tf.cast(self._patches(poses), self.variable_dtype), tf.cast(kernel, self.variable_dtype),
+                tf.cast(activations, self.variable_dtype), self.beta_v, self.beta_a,
+                self.kernel_size, self.strides, self.num_routing, self.final_lambda,
+                self.variance_floor, self.cost_scale,
+            )
+            return tf.reshape(out_poses, [-1, *out_poses.shape[1:-1], *_POSE]), out_activations
         votes = tf.cast(self.votes(poses), self.variable_dtype)
         out_poses, out_activations = em_routing.conv_em_routing(
             votes, tf.cast(activations, self.variable_dtype), self.beta_v, self.beta_a,

@@ -44,6 +44,7 @@ import math
 
 import tensorflow as tf
 
+from capsules import em_kernels
 from capsules.conv import conv_output_length, patch_indices
 
 POSE_SIZE = 16
@@ -142,7 +143,7 @@ def route_dense(votes, child_activations, beta_v, beta_a, num_routing, final_lam
     """
     _check_routing_args(num_routing, final_lambda, variance_floor, cost_scale)
     return _route(
-        votes, child_activations, _as_vector(beta_v, votes), _as_vector(beta_a, votes),
+        (votes,), child_activations, _as_vector(beta_v, votes), _as_vector(beta_a, votes),
         inverse_temperatures(num_routing, final_lambda), grid=None,
         mass_scale=float(cost_scale), variance_floor=float(variance_floor),
     )
@@ -200,20 +201,66 @@ def conv_em_routing(
         )
     grid = ChildGrid(height, width, input_dim, kernel_size, strides)
     positions = out_height * out_width
+    return _conv_route(
+        (tf.reshape(votes, [-1, positions, output_dim, children, POSE_SIZE]),), _StoredVotes,
+        activations, beta_v, beta_a, grid, (out_height, out_width, output_dim), num_routing,
+        final_lambda, variance_floor, cost_scale,
+    )
+
+
+def conv_em_routing_of_patches(
+    patches: tf.Tensor,
+    kernel: tf.Tensor,
+    activations: tf.Tensor,
+    beta_v: tf.Tensor,
+    beta_a: tf.Tensor,
+    kernel_size: int,
+    strides: int,
+    num_routing: int = 3,
+    final_lambda: float = 0.01,
+    variance_floor: float = VARIANCE_FLOOR,
+    cost_scale: float = 1.0,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """`conv_em_routing` of the votes V = P W, computed where they are used on the CPU
+    (`capsules.em_kernels`; the caller checks `em_kernels.enabled()` and `load()`).
+
+    Args:
+      patches: `[batch, out_height, out_width, kernel_size^2 * input_dim, 16]`, the poses P
+        of each output position's children in (ky, kx, t) order, float32.
+      kernel: `[kernel_size^2 * input_dim, output_dim, 16]`, the 4x4 weights W, float32.
+      Others: as `conv_em_routing`.
+
+    Returns: as `conv_em_routing`, equal to it for votes P W to float32 round-off.
+    """
+    _check_routing_args(num_routing, final_lambda, variance_floor, cost_scale)
+    _, height, width, input_dim = activations.shape
+    _, out_height, out_width, children, _ = patches.shape
+    output_dim = kernel.shape[1]
+    grid = ChildGrid(height, width, input_dim, kernel_size, strides)
+    return _conv_route(
+        (tf.reshape(patches, [-1, out_height * out_width, children, POSE_SIZE]), kernel),
+        _ComputedVotes, activations, beta_v, beta_a, grid, (out_height, out_width, output_dim),
+        num_routing, final_lambda, variance_floor, cost_scale,
+    )
+
+
+def _conv_route(votes, votes_class, activations, beta_v, beta_a, grid, parents, num_routing,
+                final_lambda, variance_floor, cost_scale):
     poses, parent_activations = _route(
-        tf.reshape(votes, [-1, positions, output_dim, children, POSE_SIZE]),
+        votes,
         grid.child_activations(activations),
-        _as_vector(beta_v, votes),
-        _as_vector(beta_a, votes),
+        _as_vector(beta_v, votes[0]),
+        _as_vector(beta_a, votes[0]),
         inverse_temperatures(num_routing, final_lambda),
         grid,
         # The official units of mass (see BETA_A_SCALE).
-        mass_scale=float(output_dim) * cost_scale,
+        mass_scale=float(parents[-1]) * cost_scale,
         variance_floor=float(variance_floor),
+        votes_class=votes_class,
     )
     return (
-        tf.reshape(poses, [-1, out_height, out_width, output_dim, POSE_SIZE]),
-        tf.reshape(parent_activations, [-1, out_height, out_width, output_dim]),
+        tf.reshape(poses, [-1, *parents, POSE_SIZE]),
+        tf.reshape(parent_activations, [-1, *parents]),
     )
 
 
@@ -365,7 +412,7 @@ def _distances(votes, weights):
 
 
 def _route(
-    votes: tf.Tensor,
+    votes: tuple,
     child_activations: tf.Tensor,
     beta_v: tf.Tensor,
     beta_a: tf.Tensor,
@@ -373,32 +420,40 @@ def _route(
     grid: ChildGrid | None,
     mass_scale: float = 1.0,
     variance_floor: float = VARIANCE_FLOOR,
+    votes_class: type = None,
 ):
     """The EM iterations on votes `[*groups, C, N, 16]`, children's a `[*groups, 1, N]`.
 
+    votes: the tensors `votes_class` makes the votes of: (votes,) for `_StoredVotes` (the
+    default), (patches, kernel) for `_ComputedVotes`.
     grid: the convolution whose children are normalised over all their parents
     (`ChildGrid.normalise`), or None: each child's routes are a softmax over the C parents
     of its group. mass_scale: s of the module docstring; variance_floor: added to every
     variance. Returns mu `[*groups, C, 16]` and a `[*groups, C]`.
 
-    The iterations and their gradient run as three functions, XLA-compiled for votes of
-    at least _XLA_MIN_VOTES_PER_EXAMPLE elements per example (`_Iterations`).
+    The iterations and their gradient run as three functions, XLA-compiled for stored votes
+    of at least _XLA_MIN_VOTES_PER_EXAMPLE elements per example (`_Iterations`).
     Gradient: no stop_gradient anywhere (as the official code), written out: the
     backward pass runs the iterations in reverse and differentiates only the small
-    per-parent and per-route functions by autodiff; the votes-sized work is two matrix
-    products per routed sum, one pass per distance and, at the end, one pass for the votes'
+    per-parent and per-route functions by autodiff; the votes-sized work is one routed sum
+    per distance, one distance per routed sum and, at the end, one pass for the votes'
     gradient
         d[V, V^2] = sum_t r_t (x) g_t + sum_t d_t (x) w_t
     (r_t routed weights, g_t gradients of the M-step sums, w_t E-step weights, d_t
     gradients of the E-step distances). Equal to autodiff of the plain loop to round-off
     (tests/test_em_routing.py).
     """
+    votes_class = votes_class or _StoredVotes
     iterations = _Iterations.of(tuple(inverse_temperatures), grid.args if grid else None,
-                                float(mass_scale), float(variance_floor), _compiles(votes))
+                                float(mass_scale), float(variance_floor), votes_class,
+                                votes_class.compiles(*votes))
 
     @tf.custom_gradient
-    def route(votes, child_activations, beta_v, beta_a):
-        poses, activations, saved = iterations.forward(votes, child_activations, beta_v, beta_a)
+    def route(*args):
+        *votes, child_activations, beta_v, beta_a = args
+        poses, activations, saved = iterations.forward(
+            tuple(votes), child_activations, beta_v, beta_a
+        )
 
         def grad(d_poses, d_activations):
             # An output the loss does not use may come back as None.
@@ -408,11 +463,107 @@ def _route(
                 saved, child_activations, beta_v, beta_a, d_poses, d_activations
             )
             d_votes = iterations.votes_gradient(saved["votes"], lefts, rights)
-            return d_votes, d_child, d_beta_v, d_beta_a
+            return (*d_votes, d_child, d_beta_v, d_beta_a)
 
         return (poses, activations), grad
 
-    return route(votes, child_activations, beta_v, beta_a)
+    return route(*votes, child_activations, beta_v, beta_a)
+
+
+class _StoredVotes:
+    """Votes `[*groups, C, N, 16]` held as a tensor: relative to their mean over each
+    parent's children (`center`), with their squares. Its routed sums are matrix products,
+    its distances one fused pass under XLA."""
+
+    def __init__(self, votes, center, squares):
+        self.votes, self.center, self.squares = votes, center, squares
+
+    @staticmethod
+    def compiles(votes) -> bool:
+        return votes.shape[1:].num_elements() >= _XLA_MIN_VOTES_PER_EXAMPLE
+
+    @classmethod
+    def of(cls, votes):
+        # The votes are routed relative to their plain mean over each parent's children:
+        # the sums of V and V^2 lose float32 precision where a parent's votes sit close
+        # together far from 0, and every M-step and E-step quantity is exact in any such
+        # frame (_m_step carries the epsilon of the mass over). A constant: no gradient
+        # flows through it.
+        center = tf.reduce_mean(votes, axis=-2)  # [*groups, C, 16]
+        votes = votes - center[..., None, :]
+        return cls(votes, center, tf.square(votes))
+
+    @property
+    def state(self) -> tuple:
+        return self.votes, self.center, self.squares
+
+    def zero_routes(self):
+        return tf.zeros_like(self.votes[..., 0])
+
+    def sums(self, weights):
+        return _routed_sums(weights, self.votes, self.squares)
+
+    def distances(self, weights):
+        return _distances(self.votes, weights)
+
+    def gradient(self, lefts, rights) -> tuple:
+        return (_votes_gradient(self.votes, lefts, rights),)
+
+
+class _ComputedVotes:
+    """The votes of a convolutional layer, V = P W relative to their mean over each
+    parent's children, computed where they are used by `capsules.em_kernels`: patches
+    `[batch, positions, N, 16]` (the poses of each output position's children), kernel
+    `[N, C, 16]`; groups [batch, positions]."""
+
+    def __init__(self, patches, kernel, center):
+        self.patches, self.kernel, self.center = patches, kernel, center
+        self._flat = tf.reshape(patches, [-1, *patches.shape[2:]])  # [G, N, 16]
+        self._shape = tf.concat([tf.shape(patches)[:2], [kernel.shape[1]]], 0)  # groups, C
+
+    @staticmethod
+    def compiles(patches, kernel) -> bool:
+        return False  # the kernels are TensorFlow ops that XLA cannot compile
+
+    @classmethod
+    def of(cls, patches, kernel):
+        votes = cls(patches, kernel, None)
+        children, parents = kernel.shape[0], kernel.shape[1]
+        groups = tf.shape(votes._flat)[0]
+        uniform = tf.fill([groups, parents, children], 1.0 / children)
+        mean = em_kernels.vote_sums(votes._flat, kernel, tf.zeros([groups, parents, POSE_SIZE]),
+                                    uniform)[..., :POSE_SIZE]
+        votes.center = votes._grouped(mean)
+        return votes
+
+    @property
+    def state(self) -> tuple:
+        return self.patches, self.kernel, self.center
+
+    def _grouped(self, flat):
+        return tf.reshape(flat, tf.concat([self._shape, tf.shape(flat)[2:]], 0))
+
+    def _groups(self, grouped):
+        return tf.reshape(grouped, tf.concat([[-1], tf.shape(grouped)[2:]], 0))
+
+    def zero_routes(self):
+        return tf.zeros(tf.concat([self._shape, [self.kernel.shape[0]]], 0))
+
+    def sums(self, weights):
+        return self._grouped(em_kernels.vote_sums(
+            self._flat, self.kernel, self._groups(self.center), self._groups(weights)))
+
+    def distances(self, weights):
+        return self._grouped(em_kernels.vote_distances(
+            self._flat, self.kernel, self._groups(self.center), self._groups(weights)))
+
+    def gradient(self, lefts, rights) -> tuple:
+        d_patches, d_kernel = em_kernels.vote_gradient(
+            self._flat, self.kernel, self._groups(self.center),
+            tf.stack([self._groups(left) for left in lefts]),
+            tf.stack([self._groups(right) for right in rights]),
+        )
+        return tf.reshape(d_patches, tf.shape(self.patches)), d_kernel
 
 
 # The iterations are compiled with XLA where each example's votes have at least this many
@@ -421,10 +572,6 @@ def _route(
 # saves some 6 to 7 ns per vote element (benchmarks/README.md); smaller routings (tests, tiny
 # models) run as TensorFlow ops. Per example, as the batch size is often unknown when traced.
 _XLA_MIN_VOTES_PER_EXAMPLE = 2**14
-
-
-def _compiles(votes: tf.Tensor) -> bool:
-    return votes.shape[1:].num_elements() >= _XLA_MIN_VOTES_PER_EXAMPLE
 
 
 class _Iterations:
@@ -445,14 +592,16 @@ class _Iterations:
 
     @classmethod
     def of(cls, inverse_temperatures: tuple, grid_args: tuple | None, mass_scale: float,
-           variance_floor: float, compiled: bool) -> _Iterations:
-        key = (inverse_temperatures, grid_args, mass_scale, variance_floor, compiled)
+           variance_floor: float, votes_class: type, compiled: bool) -> _Iterations:
+        key = (inverse_temperatures, grid_args, mass_scale, variance_floor, votes_class, compiled)
         if key not in cls._instances:
             cls._instances[key] = cls(*key)
         return cls._instances[key]
 
-    def __init__(self, inverse_temperatures, grid_args, mass_scale, variance_floor, compiled):
+    def __init__(self, inverse_temperatures, grid_args, mass_scale, variance_floor, votes_class,
+                 compiled):
         self.inverse_temperatures = inverse_temperatures
+        self.votes_class = votes_class
         self.grid_args = grid_args
         self.mass_scale = mass_scale
         self.variance_floor = variance_floor
@@ -462,7 +611,7 @@ class _Iterations:
 
         self.forward = wrap(self._forward)
         self.backward = wrap(self._backward)
-        self.votes_gradient = wrap(_votes_gradient)
+        self.votes_gradient = wrap(self._votes_gradient)
 
     def _normalise(self):
         # Built while tracing: the grid's indices become constants of the traced function.
@@ -475,39 +624,33 @@ class _Iterations:
         )
 
     def _forward(self, votes, child_activations, beta_v, beta_a):
-        """Returns mu, a and what the backward pass reads (the votes relative to `center`,
-        their squares, and each iteration's routes, logits and routed sums)."""
+        """Returns mu, a and what the backward pass reads (the votes' state, and each
+        iteration's routes, logits and routed sums)."""
         normalise = self._normalise()
         num_routing = len(self.inverse_temperatures)
-        # The votes are routed relative to their plain mean over each parent's children: the
-        # sums of V and V^2 lose float32 precision where a parent's votes sit close together
-        # far from 0, and every M-step and E-step quantity is exact in any such frame
-        # (_m_step carries the epsilon of the mass over). A constant: no gradient flows
-        # through it.
-        center = tf.reduce_mean(votes, axis=-2)  # [*groups, C, 16]
-        votes = votes - center[..., None, :]
-        squares = tf.square(votes)
-        routes = [normalise(tf.zeros_like(votes[..., 0]))]  # uniform over each child's parents
+        votes = self.votes_class.of(*votes)
+        center = votes.center
+        routes = [normalise(votes.zero_routes())]  # uniform over each child's parents
         logits, stats = [], []
         for t in range(num_routing):
             weights = routes[-1] * child_activations
-            stats.append(_routed_sums(weights, votes, squares))
+            stats.append(votes.sums(weights))
             outputs = self._outputs(t, stats[-1], weights, beta_v, beta_a, center)
             if t == num_routing - 1:
                 break
             e_weights, bias = outputs
-            logits.append(bias[..., None] - 0.5 * _distances(votes, e_weights))
+            logits.append(bias[..., None] - 0.5 * votes.distances(e_weights))
             routes.append(normalise(logits[-1]))
         poses, activations = outputs
-        saved = dict(center=center, votes=votes, squares=squares, routes=routes, logits=logits,
-                     stats=stats)
+        saved = dict(votes=votes.state, routes=routes, logits=logits, stats=stats)
         return poses + center, activations, saved
 
     def _backward(self, saved, child_activations, beta_v, beta_a, d_poses, d_activations):
         """(lefts, rights, d child_activations, d beta_v, d beta_a); d[V, V^2] is
         sum_k lefts[k] (x) rights[k] (`_votes_gradient`)."""
         normalise = self._normalise()
-        votes, squares, center = saved["votes"], saved["squares"], saved["center"]
+        votes = self.votes_class(*saved["votes"])
+        center = votes.center
         routes, logits, stats = saved["routes"], [None, *saved["logits"]], saved["stats"]
         lefts, rights = [], []
         d_child = tf.zeros_like(child_activations)
@@ -525,9 +668,7 @@ class _Iterations:
                 d_distances = -0.5 * d_logits
                 lefts.append(d_distances)
                 rights.append(e_weights)
-                upstream = [
-                    _routed_sums(d_distances, votes, squares), tf.reduce_sum(d_logits, axis=-1)
-                ]
+                upstream = [votes.sums(d_distances), tf.reduce_sum(d_logits, axis=-1)]
             d_stats, d_weights, d_bv, d_ba = tape.gradient(
                 list(results), [stats[t], weights, beta_v, beta_a],
                 output_gradients=upstream,
@@ -537,7 +678,7 @@ class _Iterations:
             d_beta_a += d_ba
             lefts.append(weights)
             rights.append(d_stats)
-            d_weights += _distances(votes, d_stats)
+            d_weights += votes.distances(d_stats)
             # weights = R_t * a (a broadcast over the parents)
             d_child += tf.reduce_sum(d_weights * routes[t], axis=-2, keepdims=True)
             if t > 0:
@@ -548,6 +689,11 @@ class _Iterations:
                     route, logits[t], output_gradients=d_weights * child_activations
                 )
         return lefts, rights, d_child, d_beta_v, d_beta_a
+
+
+    def _votes_gradient(self, state, lefts, rights):
+        """The gradient of the tensors the votes are made of."""
+        return self.votes_class(*state).gradient(lefts, rights)
 
 
 def _votes_gradient(votes, lefts, rights):
