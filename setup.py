@@ -21,6 +21,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["capsules", "capsules.*", "input_data", "input_data.*"]),
+    # The EM routing kernels' C++ source, compiled on first use (capsules/em_kernels.py).
+    package_data={"capsules": ["kernels/*.cc"]},
     install_requires=[
         "tensorflow>=2.16,<3",
         "keras>=3.0,<4",

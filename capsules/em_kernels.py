@@ -16,6 +16,7 @@ does on a GPU.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import os
@@ -34,11 +35,11 @@ SOURCE = Path(__file__).with_name("kernels") / "em_votes.cc"
 _FLAGS = ("-std=c++17", "-O3", "-march=native", "-shared", "-fPIC", "-w")
 
 
-def enabled() -> bool:
-    """Whether EM routing may use the kernels: not switched off with CAPSULES_EM_KERNELS=0,
-    and no GPU visible (the kernels are CPU ones)."""
+def available() -> bool:
+    """Whether EM routing uses the kernels: not switched off with CAPSULES_EM_KERNELS=0, no
+    GPU visible (they are CPU kernels), and the library built and loaded (`load`)."""
     return (os.environ.get("CAPSULES_EM_KERNELS", "1") != "0"
-            and not tf.config.list_logical_devices("GPU"))
+            and not tf.config.list_logical_devices("GPU") and load() is not None)
 
 
 @functools.cache
@@ -71,14 +72,17 @@ def _build() -> Path:
     if library.exists():
         return library
     cache.mkdir(parents=True, exist_ok=True)
-    logging.info("capsules: compiling the EM routing kernels into %s (once)", library)
-    # Built under a temporary name, then renamed: processes that build at once (workers of
-    # one job) each find a whole library or none.
-    with tempfile.TemporaryDirectory(dir=cache) as scratch:
-        built = Path(scratch) / library.name
-        subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), *links],
-                       check=True, capture_output=True, text=True)
-        os.replace(built, library)
+    # One process builds (the workers of a job start at once); the others wait and load it.
+    # Built under a temporary name, then renamed: a stopped build leaves no partial library.
+    with open(cache / "em_votes.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not library.exists():
+            logging.info("capsules: compiling the EM routing kernels into %s (once)", library)
+            with tempfile.TemporaryDirectory(dir=cache) as scratch:
+                built = Path(scratch) / library.name
+                subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), *links],
+                               check=True, capture_output=True, text=True)
+                os.replace(built, library)
     return library
 
 

@@ -314,22 +314,21 @@ class ConvMatrixCapsule(_RoutedMatrixCapsule):
 
     def call(self, inputs):
         poses, activations = inputs
-        if em_kernels.enabled() and em_kernels.load() is not None:
-            # The votes computed where the routing uses them (no votes-sized tensor).
-            kernel = tf.reshape(self.kernel, [-1, self.num_capsules, 16])
+        dtype = self.variable_dtype
+        activations = tf.cast(activations, dtype)
+        routing = (self.beta_v, self.beta_a, self.kernel_size, self.strides, self.num_routing,
+                   self.final_lambda, self.variance_floor, self.cost_scale)
+        if dtype == "float32" and em_kernels.available():
+            # The votes computed where the routing uses them: no votes-sized tensor.
             out_poses, out_activations = em_routing.conv_em_routing_of_patches(
-                tf.cast(self._patches(poses), self.variable_dtype), tf.cast(kernel, self.variable_dtype),
-                tf.cast(activations, self.variable_dtype), self.beta_v, self.beta_a,
-                self.kernel_size, self.strides, self.num_routing, self.final_lambda,
-                self.variance_floor, self.cost_scale,
+                tf.cast(self._patches(poses), dtype),
+                tf.reshape(tf.cast(self.kernel, dtype), [-1, self.num_capsules, 16]),
+                activations, *routing,
             )
-            return tf.reshape(out_poses, [-1, *out_poses.shape[1:-1], *_POSE]), out_activations
-        votes = tf.cast(self.votes(poses), self.variable_dtype)
-        out_poses, out_activations = em_routing.conv_em_routing(
-            votes, tf.cast(activations, self.variable_dtype), self.beta_v, self.beta_a,
-            self.kernel_size, self.strides, self.num_routing, self.final_lambda,
-            self.variance_floor, self.cost_scale,
-        )
+        else:
+            out_poses, out_activations = em_routing.conv_em_routing(
+                tf.cast(self.votes(poses), dtype), activations, *routing
+            )
         return tf.reshape(out_poses, [-1, *out_poses.shape[1:-1], *_POSE]), out_activations
 
     def compute_output_shape(self, input_shape):

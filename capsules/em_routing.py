@@ -222,7 +222,7 @@ def conv_em_routing_of_patches(
     cost_scale: float = 1.0,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """`conv_em_routing` of the votes V = P W, computed where they are used on the CPU
-    (`capsules.em_kernels`; the caller checks `em_kernels.enabled()` and `load()`).
+    (`capsules.em_kernels`, where `em_kernels.available()`).
 
     Args:
       patches: `[batch, out_height, out_width, kernel_size^2 * input_dim, 16]`, the poses P

@@ -51,6 +51,7 @@ def _dist_info(archive: zipfile.ZipFile, name: str) -> str:
 def test_the_wheel_holds_the_driver_and_both_packages_not_the_rest(wheel):
     names = set(wheel.namelist())
     for module in ("capsules/__init__.py", "capsules/experiment.py", "capsules/tf_logs.py",
+                   "capsules/kernels/em_votes.cc",
                    "input_data/__init__.py", "input_data/mnist/fetch.py",
                    "input_data/norb/convert.py"):
         assert module in names, module

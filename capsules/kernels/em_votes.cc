@@ -48,14 +48,30 @@ inline void Store(const Lanes& lanes, float* to) { std::memcpy(to, &lanes, sizeo
 
 inline void Add(const Lanes& lanes, float* to) { Store(Load(to) + lanes, to); }
 
-// The sum of the lanes, as a tree of halves (a chain of 16 dependent additions would
-// cost more than the votes it sums).
-inline float Sum(const Lanes& lanes) {
-  float half[kLanes];
-  Store(lanes, half);
-  for (int64_t width = kLanes / 2; width > 0; width /= 2)
-    for (int64_t lane = 0; lane < width; ++lane) half[lane] += half[lane + width];
-  return half[0];
+// sums[h] = the sum of the lanes of lanes[h], for 16 vectors: a tree of shuffles and adds
+// that halves the vectors and the lanes each vector holds per sum at every level (four
+// levels, 15 adds), instead of 16 chains of 15 dependent scalar additions.
+inline Lanes SumEach(const Lanes lanes[kLanes]) {
+  Lanes halves[8], quarters[4], eighths[2];
+  for (int m = 0; m < 8; ++m)  // lanes 0-7: 8 partial sums of lanes[2m], 8-15: of lanes[2m+1]
+    halves[m] = __builtin_shufflevector(lanes[2 * m], lanes[2 * m + 1], 0, 1, 2, 3, 4, 5, 6, 7,
+                                        16, 17, 18, 19, 20, 21, 22, 23) +
+                __builtin_shufflevector(lanes[2 * m], lanes[2 * m + 1], 8, 9, 10, 11, 12, 13, 14,
+                                        15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int m = 0; m < 4; ++m)  // 4 partial sums each of lanes[4m .. 4m+3]
+    quarters[m] = __builtin_shufflevector(halves[2 * m], halves[2 * m + 1], 0, 1, 2, 3, 8, 9, 10,
+                                          11, 16, 17, 18, 19, 24, 25, 26, 27) +
+                  __builtin_shufflevector(halves[2 * m], halves[2 * m + 1], 4, 5, 6, 7, 12, 13,
+                                          14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int m = 0; m < 2; ++m)  // 2 partial sums each of lanes[8m .. 8m+7]
+    eighths[m] = __builtin_shufflevector(quarters[2 * m], quarters[2 * m + 1], 0, 1, 4, 5, 8, 9,
+                                         12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+                 __builtin_shufflevector(quarters[2 * m], quarters[2 * m + 1], 2, 3, 6, 7, 10, 11,
+                                         14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(eighths[0], eighths[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20,
+                                 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(eighths[0], eighths[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21,
+                                 23, 25, 27, 29, 31);
 }
 
 // The votes of one call: its three inputs checked, the kernel laid out per parent with the
@@ -187,10 +203,8 @@ class EmVoteSumsOp : public OpKernel {
             }
           }
           float* out = sums + (g * parents + c) * 2 * kPose;
-          for (int h = 0; h < kPose; ++h) {
-            out[h] = Sum(first[h]);
-            out[kPose + h] = Sum(second[h]);
-          }
+          Store(SumEach(first), out);
+          Store(SumEach(second), out + kPose);
         }
       }
     });
