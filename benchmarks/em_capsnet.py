@@ -7,9 +7,10 @@ straightforward formulation, side by side.
 
 All compute the same equations with the same weights on the same batch (the spread loss
 and weight decay, their gradient, one Adam step):
-- package: `capsules.models.EMCapsNet.optimize_step` (votes as batched matrix products
-  laid out for the routing; the EM iterations and their written-out gradient as
-  XLA-compiled functions, see capsules/em_routing.py);
+- package: `capsules.models.EMCapsNet.optimize_step`: on a CPU, the convolutional
+  capsule layers' votes computed where the routing uses them (capsules/em_kernels.py;
+  CAPSULES_EM_KERNELS=0 turns that off), the class layer's votes as batched matrix
+  products and its EM iterations XLA-compiled (capsules/em_routing.py);
 - package@REV (--baseline=REV): the same step with the package as it was at git revision
   REV (`git archive`), e.g. the commit before a change, to measure the change;
 - plain: the walkthrough's formulation (`tests/em_reference_tf.py`, also the tests'
@@ -27,10 +28,10 @@ set: the peak during its first step (tracing and compiling included), and the pe
 its last timed step (`/proc/self/clear_refs` resets the peak), each less the resident set
 before the first step (model, optimizer and batch built).
 
---breakdown also times, per routed layer of the package formulations, its votes and the
-whole layer, forward and forward plus backward (the layer's gradient with respect to its
-inputs and weights), each a tf.function on the inputs a forward pass gives the layer;
-routing = layer - votes.
+--breakdown also times, per routed layer of the package formulations, its votes (the
+patches of poses where the kernels compute the votes) and the whole layer, forward and
+forward plus backward (the layer's gradient with respect to its inputs and weights), each a
+tf.function on the inputs a forward pass gives the layer; routing = layer - votes.
 """
 
 from __future__ import annotations
@@ -140,8 +141,15 @@ def _pieces_of(layer, poses, activations) -> dict:
             return tape.gradient(loss, [*inputs, *layer.trainable_variables])
         return run
 
+    try:
+        from capsules import em_kernels
+    except ImportError:  # a --baseline revision from before the kernels
+        computed = False
+    else:
+        computed = hasattr(layer, "patches") and em_kernels.available()
+
     def votes():
-        return layer.votes(poses)
+        return layer.patches(poses) if computed else layer.votes(poses)
 
     def whole():
         return layer([poses, activations], training=True)

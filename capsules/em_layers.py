@@ -292,7 +292,7 @@ class ConvMatrixCapsule(_RoutedMatrixCapsule):
         """
         out_height, out_width = self._output_grid(poses.shape)
         children = self.kernel_size * self.kernel_size * poses.shape[3]
-        patches = self._patches(poses)
+        patches = self.patches(poses)
         # [batch * positions, children, 4, 4] -> [children, batch * positions * 4, 4]
         rows = tf.transpose(tf.reshape(patches, [-1, children, 4, 4]), [1, 0, 2, 3])
         rows = tf.reshape(rows, [children, -1, 4])
@@ -303,7 +303,7 @@ class ConvMatrixCapsule(_RoutedMatrixCapsule):
         votes = tf.transpose(votes, [1, 2, 3, 5, 0, 4, 6])
         return tf.reshape(votes, [-1, out_height, out_width, self.num_capsules, children, 16])
 
-    def _patches(self, poses: tf.Tensor) -> tf.Tensor:
+    def patches(self, poses: tf.Tensor) -> tf.Tensor:
         """The poses of each output position's children, `[batch, out_height, out_width,
         k^2 * input_types, 16]` in (ky, kx, t) order."""
         _, height, width, input_types, _, _ = poses.shape
@@ -321,7 +321,7 @@ class ConvMatrixCapsule(_RoutedMatrixCapsule):
         if dtype == "float32" and em_kernels.available():
             # The votes computed where the routing uses them: no votes-sized tensor.
             out_poses, out_activations = em_routing.conv_em_routing_of_patches(
-                tf.cast(self._patches(poses), dtype),
+                tf.cast(self.patches(poses), dtype),
                 tf.reshape(tf.cast(self.kernel, dtype), [-1, self.num_capsules, 16]),
                 activations, *routing,
             )
