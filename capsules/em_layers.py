@@ -229,7 +229,9 @@ class ConvMatrixCapsule(_RoutedMatrixCapsule):
     every output type c at the output position whose receptive field holds it:
         V = M_t(row, col) W[ky, kx, t, c],
     and `em_routing.conv_em_routing` turns the votes into the parents' poses and
-    activations, each child's assignments summing to 1 over all those parents.
+    activations, each child's assignments summing to 1 over all those parents. On a CPU
+    the votes are not stored: `capsules.em_kernels` computes each where the routing uses
+    it (`em_routing.conv_em_routing_of_patches`; the same results to float32 round-off).
 
     Args:
       num_capsules: output capsule types.

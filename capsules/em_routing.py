@@ -34,8 +34,10 @@ the votes' size per output type, no tiles. The gradient is written out
 (`_route`): one elementwise pass forms the votes' gradient, instead of 2 num_routing - 1
 votes-sized outer products that autodiff would add up. The iterations and their gradient
 run XLA-compiled where the votes are large (`_Iterations`): XLA fuses the small
-per-parent and per-route operations and each distance's products with its sum
-(benchmarks/README.md has the timings).
+per-parent and per-route operations and each distance's products with its sum.
+A convolutional layer on the CPU need not store its votes at all
+(`conv_em_routing_of_patches`): `capsules.em_kernels` computes each vote P W where a
+routed sum, a distance or the gradient uses it (benchmarks/README.md has the timings).
 """
 
 from __future__ import annotations
