@@ -190,11 +190,7 @@ def conv_em_routing(
     activations = tf.convert_to_tensor(activations, votes.dtype)
     _, height, width, input_dim = activations.shape
     _, out_height, out_width, output_dim, children, _ = votes.shape
-    expected = (
-        conv_output_length(height, kernel_size, strides, "VALID"),
-        conv_output_length(width, kernel_size, strides, "VALID"),
-        kernel_size * kernel_size * input_dim,
-    )
+    expected = _conv_children(activations, kernel_size, strides)
     if (out_height, out_width, children) != expected or votes.shape[-1] != POSE_SIZE:
         raise ValueError(
             f"votes of shape {votes.shape} do not fit activations of shape {activations.shape} "
@@ -236,13 +232,34 @@ def conv_em_routing_of_patches(
     """
     _check_routing_args(num_routing, final_lambda, variance_floor, cost_scale)
     _, height, width, input_dim = activations.shape
-    _, out_height, out_width, children, _ = patches.shape
+    expected = _conv_children(activations, kernel_size, strides)
+    if (patches.shape.rank != 5 or tuple(patches.shape[1:]) != (*expected, POSE_SIZE)
+            or kernel.shape.rank != 3 or kernel.shape[0] != expected[-1]
+            or kernel.shape[-1] != POSE_SIZE):
+        raise ValueError(
+            f"patches of shape {patches.shape} and kernel of shape {kernel.shape} do not fit "
+            f"activations of shape {activations.shape} with kernel_size={kernel_size}, "
+            f"strides={strides}: expected [batch, {expected[0]}, {expected[1]}, {expected[2]}, "
+            f"16] and [{expected[2]}, output_dim, 16]"
+        )
+    out_height, out_width, children = expected
     output_dim = kernel.shape[1]
     grid = ChildGrid(height, width, input_dim, kernel_size, strides)
     return _conv_route(
         (tf.reshape(patches, [-1, out_height * out_width, children, POSE_SIZE]), kernel),
         _ComputedVotes, activations, beta_v, beta_a, grid, (out_height, out_width, output_dim),
         num_routing, final_lambda, variance_floor, cost_scale,
+    )
+
+
+def _conv_children(activations, kernel_size: int, strides: int) -> tuple[int, int, int]:
+    """(out_height, out_width, children per output position) of a "VALID" convolution of
+    the [batch, height, width, input_dim] capsule grid of `activations`."""
+    _, height, width, input_dim = activations.shape
+    return (
+        conv_output_length(height, kernel_size, strides, "VALID"),
+        conv_output_length(width, kernel_size, strides, "VALID"),
+        kernel_size * kernel_size * input_dim,
     )
 
 

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 from absl import logging
 
-from capsules import em_kernels, em_layers
+from capsules import em_kernels, em_layers, em_routing
 
 pytestmark = pytest.mark.skipif(
     not em_kernels.available(),
@@ -115,3 +115,11 @@ def test_without_a_compiler_the_routing_stores_its_votes(monkeypatch, tmp_path):
         assert out_poses.shape == (1, 1, 1, 2, 4, 4)
     finally:
         em_kernels.load.cache_clear()
+
+
+def test_patches_that_do_not_fit_the_activations_are_refused():
+    activations = tf.ones([1, 5, 5, 2])
+    with pytest.raises(ValueError, match=r"expected \[batch, 2, 2, 18, 16\] and \[18, "):
+        em_routing.conv_em_routing_of_patches(
+            tf.zeros([1, 2, 2, 9, 16]), tf.zeros([18, 3, 16]), activations, tf.zeros([3]),
+            tf.zeros([3]), kernel_size=3, strides=2)
