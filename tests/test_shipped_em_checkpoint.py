@@ -44,11 +44,10 @@ def test_run_file_rebuilds_the_planned_model(shipped):
     prefix, model = shipped
     run = checkpoints.read_run_file(prefix)
     assert run.model == "em" and run.config["input_shape"] == [28, 28, 1]
-    # checkpoints/mnist_em/README.md's plan: the small model, a faster decay and margin,
-    # and the recipe of its day (before the moving average, which it reads as 0).
+    # checkpoints/mnist_em/README.md's plan: the small model with a faster decay and margin,
+    # the package's defaults otherwise.
     assert run.hparams == EMHParams.preset("mnist_small").replace(
-        decay_steps=2000, decay_rate=0.9, margin_steps=20000, conv_kernel_stddev=1.0,
-        ema_momentum=0.0)
+        decay_steps=2000, decay_rate=0.9, margin_steps=20000)
     assert (run.flags["seed"], run.flags["random_shift"], run.flags["validate"]) == (48, 2, True)
     assert isinstance(model, EMCapsNet) and model.hparams == run.hparams
     assert model.count_params() == 68_308
