@@ -29,6 +29,9 @@ from pathlib import Path
 import tensorflow as tf
 from absl import logging
 
+# Where a graph is being built for XLA; TensorFlow's own test, which Keras 2 used too.
+from tensorflow.python.ops import control_flow_util
+
 SOURCE = Path(__file__).with_name("kernels") / "em_votes.cc"
 # -march=native: the lanes of em_votes.cc become the CPU's widest vectors (the library is
 # built on, and cached for, the CPU that runs it).
@@ -36,10 +39,14 @@ _FLAGS = ("-std=c++17", "-O3", "-march=native", "-shared", "-fPIC", "-w")
 
 
 def available() -> bool:
-    """Whether EM routing uses the kernels: not switched off with CAPSULES_EM_KERNELS=0, no
-    GPU visible (they are CPU kernels), and the library built and loaded (`load`)."""
+    """Whether EM routing uses the kernels where it is traced or run: not switched off with
+    CAPSULES_EM_KERNELS=0, no GPU visible (they are CPU kernels), not inside a function XLA
+    compiles (`tf.function(jit_compile=True)`, `model.compile(jit_compile=True)`: XLA cannot
+    compile them), and the library built and loaded (`load`)."""
     return (os.environ.get("CAPSULES_EM_KERNELS", "1") != "0"
-            and not tf.config.list_logical_devices("GPU") and load() is not None)
+            and not tf.config.list_logical_devices("GPU")
+            and not control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+            and load() is not None)
 
 
 @functools.cache

@@ -123,3 +123,15 @@ def test_patches_that_do_not_fit_the_activations_are_refused():
         em_routing.conv_em_routing_of_patches(
             tf.zeros([1, 2, 2, 9, 16]), tf.zeros([18, 3, 16]), activations, tf.zeros([3]),
             tf.zeros([3]), kernel_size=3, strides=2)
+
+
+def test_an_xla_compiled_function_routes_with_stored_votes():
+    rng = np.random.default_rng(1)
+    poses = tf.constant(rng.normal(size=[2, 5, 5, 2, 4, 4]).astype(np.float32))
+    activations = tf.constant(rng.random(size=[2, 5, 5, 2]).astype(np.float32))
+    layer = em_layers.ConvMatrixCapsule(3, kernel_size=3, strides=2, num_routing=2)
+    eager = layer([poses, activations])
+    compiled = tf.function(lambda *inputs: layer(list(inputs)), jit_compile=True)(
+        poses, activations)
+    for got, want in zip(compiled, eager, strict=True):
+        _close(got, want)
