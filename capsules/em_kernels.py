@@ -8,10 +8,10 @@ weights), so no votes-sized tensor is stored or read. The results equal the stor
 formulation to float32 round-off (tests/test_em_kernels.py).
 
 The C++ source is compiled on first use against the installed TensorFlow with the system's
-C++ compiler (`$CXX`, else `c++`), about 20 s, and cached per source, TensorFlow version
-and CPU in `$CAPSULES_CACHE_DIR` (default `~/.cache/capsules`). Without a compiler, or with
-`CAPSULES_EM_KERNELS=0`, `load()` returns None and the routing stores its votes, as it
-does on a GPU.
+C++ compiler (`$CXX`, else `c++`; about 20 s on a 2-core CPU), and cached per source,
+TensorFlow version and CPU in `$CAPSULES_CACHE_DIR` (default `~/.cache/capsules`). Where
+`available()` is False (no compiler, `CAPSULES_EM_KERNELS=0`, a GPU, an XLA-compiled
+function) the routing stores its votes instead.
 """
 
 from __future__ import annotations
