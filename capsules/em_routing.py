@@ -439,7 +439,7 @@ def _route(
     grid: ChildGrid | None,
     mass_scale: float = 1.0,
     variance_floor: float = VARIANCE_FLOOR,
-    votes_class: type = None,
+    votes_class: type | None = None,
 ):
     """The EM iterations on votes `[*groups, C, N, 16]`, children's a `[*groups, 1, N]`.
 
@@ -547,12 +547,7 @@ class _ComputedVotes:
     @classmethod
     def of(cls, patches, kernel):
         votes = cls(patches, kernel, None)
-        children, parents = kernel.shape[0], kernel.shape[1]
-        groups = tf.shape(votes._flat)[0]
-        uniform = tf.fill([groups, parents, children], 1.0 / children)
-        mean = em_kernels.vote_sums(votes._flat, kernel, tf.zeros([groups, parents, POSE_SIZE]),
-                                    uniform)[..., :POSE_SIZE]
-        votes.center = votes._grouped(mean)
+        votes.center = votes._grouped(_mean_vote(votes._flat, kernel))
         return votes
 
     @property
@@ -583,6 +578,19 @@ class _ComputedVotes:
             tf.stack([self._groups(right) for right in rights]),
         )
         return tf.reshape(d_patches, tf.shape(self.patches)), d_kernel
+
+
+def _mean_vote(patches, kernel):
+    """sum_n P_gn W_nc / N `[G, C, 16]` of patches `[G, N, 16]` and kernel `[N, C, 16]`: one
+    matrix product [G x 4 rows, N x 4] x [N x 4, C x 4 cols], contracting the children with
+    the inner index of the 4x4 product."""
+    children, parents = kernel.shape[0], kernel.shape[1]
+    rows = tf.transpose(tf.reshape(patches, [-1, children, 4, 4]), [0, 2, 1, 3])
+    cols = tf.transpose(tf.reshape(kernel, [children, parents, 4, 4]), [0, 2, 1, 3])
+    sums = tf.matmul(tf.reshape(rows, [-1, children * 4]),
+                     tf.reshape(cols, [children * 4, parents * 4]))  # [G x 4, C x 4]
+    mean = tf.transpose(tf.reshape(sums, [-1, 4, parents, 4]), [0, 2, 1, 3]) / children
+    return tf.reshape(mean, [-1, parents, POSE_SIZE])
 
 
 # The iterations are compiled with XLA where each example's votes have at least this many
